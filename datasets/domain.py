@@ -1,0 +1,85 @@
+"""Domain knobs: the appearance distribution a synthetic dataset is drawn from.
+
+Training uses the ``default`` domain; ``heldout`` moves every knob outside the ranges
+training saw (film colour, light placement and colour, noise, camera height), so a model's
+robustness to a new line can be measured before one exists. Custom domains are JSON files
+with the same fields; an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+FilmColour = Literal["silver", "grey", "black", "blue"]
+Lighting = Literal["ring", "bar"]
+Range = tuple[float, float]
+
+
+def _ordered(value: Range) -> Range:
+    low, high = value
+    if low > high:
+        raise ValueError(f"range [{low}, {high}] has its low end above its high end")
+    return value
+
+
+class Domain(BaseModel):
+    """Ranges every appearance parameter is drawn from (uniformly) per frame."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Domain name, recorded in every frame's render parameters.")
+    films: list[FilmColour] = Field(min_length=1, description="Laminate film colours to draw from.")
+    lighting: list[Lighting] = Field(min_length=1, description="Light kinds: 'ring' around the lens, 'bar' to one side.")
+    light_intensity: Range = Field(description="Relative light power (1 = nominal exposure).")
+    light_warmth: Range = Field(description="Colour tint of the light: -1 cool/blue .. +1 warm/amber.")
+    ring_radius_mm: Range = Field(description="Radius of the ring light.")
+    ring_height_mm: Range = Field(description="Height of the ring light above the belt.")
+    bar_offset_mm: Range = Field(description="Horizontal distance of the bar light from the optical axis.")
+    bar_height_mm: Range = Field(description="Height of the bar light above the belt.")
+    camera_height_mm: Range = Field(description="Camera height above the belt (sets px/mm).")
+    exposure: Range = Field(description="Exposure gain applied at the sensor.")
+    read_noise: Range = Field(description="Sensor read-noise standard deviation (fraction of full scale).")
+    shot_noise: Range = Field(description="Photon shot-noise gain (variance per unit of signal).")
+    blur_sigma_px: Range = Field(description="Focus blur (Gaussian sigma, pixels).")
+    vignetting: Range = Field(description="Relative brightness lost in the image corners.")
+    jpeg_quality: tuple[int, int] = Field(description="JPEG quality of the stored frame.")
+    label_probability: float = Field(ge=0, le=1, description="Chance a cell carries a printed label/barcode.")
+    belt_grey: Range = Field(description="Belt brightness (matte conveyor background).")
+    max_shift_mm: float = Field(ge=0, description="Largest pose offset of the cell from the image centre.")
+    max_rotation_deg: float = Field(ge=0, le=45, description="Largest rotation of the cell on the belt.")
+
+    _ranges = field_validator(
+        "light_intensity", "light_warmth", "ring_radius_mm", "ring_height_mm", "bar_offset_mm",
+        "bar_height_mm", "camera_height_mm", "exposure", "read_noise", "shot_noise",
+        "blur_sigma_px", "vignetting", "jpeg_quality", "belt_grey",
+    )(_ordered)
+
+
+BUILTIN_DOMAINS = ("default", "heldout")
+# Namespace packages have no importlib.resources reader on 3.11: the data sits beside us.
+_DOMAIN_DIR = Path(__file__).with_name("domains")
+
+
+def load_domain(name_or_path: str) -> Domain:
+    """A built-in domain by name, or a domain JSON file by path; errors name the file and field."""
+    if name_or_path in BUILTIN_DOMAINS:
+        text = (_DOMAIN_DIR / f"{name_or_path}.json").read_text()
+        source = f"built-in domain {name_or_path!r}"
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ValueError(
+                f"domain {name_or_path!r} is neither a built-in ({', '.join(BUILTIN_DOMAINS)}) nor a JSON file"
+            )
+        text, source = path.read_text(), str(path)
+    try:
+        return Domain.model_validate(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}: line {exc.lineno}: not valid JSON ({exc.msg})") from exc
+    except ValidationError as exc:
+        problems = "; ".join(f"field '{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in exc.errors())
+        raise ValueError(f"{source}: {problems}") from exc
