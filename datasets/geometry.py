@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 from pouchline.datasets import kernels
 from pouchline.datasets.records import DEFORMATION_KINDS
-from pouchline.datasets.scene import CellScene
+from pouchline.datasets.scene import CellScene, Deformation
 from pouchline.datasets.spec import CellSpec
 
 # Material ids of the `Surface.material` map (kept in step with kernels.py).
@@ -102,6 +104,31 @@ def _tab_zone(spec: CellSpec) -> tuple[float, float, float, float]:
     return exit_u - 3.0, exit_u + spec.tab_length_mm + 8.0, -reach, reach
 
 
+def _deformation_zone(spec: CellSpec, deformation: Deformation) -> tuple[float, float, float, float]:
+    """Cell-frame box (u0, u1, v0, v1) outside which a deformation changes nothing."""
+    p = deformation.params
+    if deformation.kind == "dent":
+        reach = 2.5 * p["radius_mm"]
+        return p["u"] - reach, p["u"] + reach, p["v"] - reach, p["v"] + reach
+    if deformation.kind == "crease":
+        reach = p["length_mm"] / 2 + p["width_mm"]
+        return p["u"] - reach, p["u"] + reach, p["v"] - reach, p["v"] + reach
+    if deformation.kind == "edge_wrinkle":
+        reach = p["length_mm"] / 2 + 6.0
+        edge = spec.width_mm / 2
+        inner, outer = edge - 12.0 * p["decay_mm"], edge + spec.wing_mm + 1.0
+        v0, v1 = (inner, outer) if p["side"] > 0 else (-outer, -inner)
+        return p["u"] - reach, p["u"] + reach, v0, v1
+    if deformation.kind == "bent_corner":
+        centre, half_u, half_v = outline_box(spec)
+        corner = int(p["corner"])
+        tip_u = centre + (half_u if corner & 1 else -half_u)
+        tip_v = half_v if corner & 2 else -half_v
+        reach = p["fold_mm"] * math.sqrt(2.0) + 1.0
+        return tip_u - reach, tip_u + reach, tip_v - reach, tip_v + reach
+    return patch_bounds(spec)
+
+
 def _grid_box(affine: np.ndarray, shape: tuple[int, int], zone: tuple[float, float, float, float]) -> np.ndarray:
     """Rows and columns (j0, j1, i0, i1) of a grid that cover a cell-frame box."""
     to_grid = np.linalg.inv(np.vstack([affine, [0.0, 0.0, 1.0]]))
@@ -130,8 +157,12 @@ def surface(scene: CellScene, affine: np.ndarray, shape: tuple[int, int]) -> Sur
     kinds, magnitudes, params, labelled, tabs = _pack_deformations(scene)
     box = _grid_box(affine, shape, _tab_zone(scene.spec))
     kernels.tab_kernel(affine32, spec, tabs, box, out.sdf, out.bottom, out.top, out.material, out.defect)
-    if np.any(kinds != DEFORMATION_KINDS.index("tab_damage")):
+    for k, deformation in enumerate(scene.deformations):
+        if deformation.kind == "tab_damage":
+            continue
+        box = _grid_box(affine, shape, _deformation_zone(scene.spec, deformation))
         kernels.deformation_kernel(
-            affine32, spec, swelling, kinds, magnitudes, params, labelled, out.bottom, out.top, out.defect, weight
+            affine32, spec, swelling, kinds[k : k + 1], magnitudes[k : k + 1], params[k : k + 1],
+            labelled[k : k + 1], box, out.bottom, out.top, out.defect, weight,
         )
     return out

@@ -98,16 +98,17 @@ def surface_kernel(affine, spec, swelling, swelling_labelled, fields) -> None:
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def deformation_kernel(affine, spec, swelling, kinds, magnitudes, params, labelled, bottom, top, defect, weight) -> None:
-    """Add dents, creases, edge wrinkles (surface marks) and warp, bent corners (lift)."""
+def deformation_kernel(affine, spec, swelling, kinds, magnitudes, params, labelled, box, bottom, top, defect, weight) -> None:
+    """Add dents, creases, edge wrinkles (surface marks) and warp, bent corners (lift) over
+    the pixel ``box`` (row from, row to, column from, column to) they can reach."""
     half_w0, wing_w = spec[1], spec[7]
     top_seal, bottom_seal = spec[5], spec[6]
     out_centre = (top_seal - bottom_seal) * _HALF
     out_half_u = spec[0] + (top_seal + bottom_seal) * _HALF
     out_half_v = half_w0 + wing_w
     inv_inner_l = _ONE / (spec[0] - spec[4])
-    for j in range(top.shape[0]):
-        for i in range(top.shape[1]):
+    for j in range(box[0], box[1]):
+        for i in range(box[2], box[3]):
             u = affine[0, 0] * F(i) + affine[0, 1] * F(j) + affine[0, 2]
             v = affine[1, 0] * F(i) + affine[1, 1] * F(j) + affine[1, 2]
             marks, lift, score = _ZERO, _ZERO, defect[j, i]
@@ -301,19 +302,24 @@ def _quantise(value):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def develop_kernel(background, shadow, vignette, cell, x0, y0, tint, noise, sign, shot, read, out) -> None:
+def develop_kernel(background, columns, shadow, vignetting, cell, x0, y0, tint, noise, sign, shot, read, out) -> None:
     """Premultiplied cell planes (B, G, R, coverage; region at x0, y0) over the background.
 
-    Then light tint (times exposure gain), vignetting, the cell's shadow on the background,
-    shot and read noise (level set by the green channel; ``noise`` is unit Gaussian noise
-    in planes, used with ``sign``) and quantisation into the B, G, R planes of ``out``.
+    The background's brightness is ``background`` times a per-column factor ``columns``
+    (the belt's weave). Then light tint (times exposure gain), vignetting (the corners
+    lose ``vignetting`` of their light), the cell's shadow on the background, shot and read
+    noise (level set by the green channel; ``noise`` is Gaussian noise in int8 planes,
+    times ``sign`` it has unit variance) and quantisation into the B, G, R planes of ``out``.
     """
     read2 = read * read
     tb, tg, tr = tint[0], tint[1], tint[2]
     height, width = background.shape
+    half_w, half_h = F(width) * _HALF, F(height) * _HALF
+    inv_r2 = _ONE / (half_w * half_w + half_h * half_h)
     for y in range(height):
         j = y - y0
         row_in = 0 <= j < cell.shape[1]
+        dy2 = (F(y) - half_h) * (F(y) - half_h)
         for x in range(width):
             i = x - x0
             inside = row_in and 0 <= i < cell.shape[2]
@@ -322,12 +328,13 @@ def develop_kernel(background, shadow, vignette, cell, x0, y0, tint, noise, sign
             cb = cell[0, jj, ii] if inside else _ZERO
             cg = cell[1, jj, ii] if inside else _ZERO
             cr = cell[2, jj, ii] if inside else _ZERO
-            scale = vignette[y, x]
-            ground = background[y, x] * (_ONE - shadow[y, x] * (_ONE - a)) * (_ONE - a)
+            r2 = ((F(x) - half_w) * (F(x) - half_w) + dy2) * inv_r2
+            scale = _ONE - vignetting * r2 * (F(1.2) - F(0.2) * r2)
+            ground = background[y, x] * columns[x] * (_ONE - shadow[y, x] * (_ONE - a)) * (_ONE - a)
             b = (ground + cb) * tb * scale
             g = (ground + cg) * tg * scale
             r = (ground + cr) * tr * scale
             sigma = math.sqrt(max(g, _ZERO) * shot + read2) * sign
-            out[0, y, x] = _quantise(b + sigma * noise[0, y, x])
-            out[1, y, x] = _quantise(g + sigma * noise[1, y, x])
-            out[2, y, x] = _quantise(r + sigma * noise[2, y, x])
+            out[0, y, x] = _quantise(b + sigma * F(noise[0, y, x]))
+            out[1, y, x] = _quantise(g + sigma * F(noise[1, y, x]))
+            out[2, y, x] = _quantise(r + sigma * F(noise[2, y, x]))

@@ -172,7 +172,7 @@ def render_side(scene: CellScene, size: tuple[int, int] = (640, 480)) -> Rendere
     colour = (film[:, None, None] * 0.18 + edge_glint[None]) * (appearance.light_intensity * alpha)[None]
     cell = np.ascontiguousarray(np.concatenate([colour, alpha[None]]), dtype=np.float32)
     background = np.ascontiguousarray(background, dtype=np.float32)
-    image = develop(cell, (0, 0), background, np.zeros_like(alpha), appearance, rng)
+    image = develop(cell, (0, 0), (background, np.ones(width, np.float32)), np.zeros_like(alpha), appearance, rng)
     return _finish(scene, "side", image, alpha, nominal_alpha <= 0.5, (0, 0), ppm, {"belt_line_px": horizon})
 
 
