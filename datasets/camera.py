@@ -47,51 +47,55 @@ def noise_field(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.nd
     return bank[start : start + count].reshape(shape), (-1.0 if rng.random() < 0.5 else 1.0)
 
 
-def belt(
-    rng: np.random.Generator, appearance: Appearance, size: tuple[int, int], light_xy: tuple[float, float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Matte conveyor belt brightness, higher under the light, and its weave (per column)."""
-    width, height = size
-    small_w, small_h = max(width // 8, 2), max(height // 8, 2)
-    x = np.arange(small_w, dtype=np.float32)[None, :] - np.float32(light_xy[0] / 8)
-    y = np.arange(small_h, dtype=np.float32)[:, None] - np.float32(light_xy[1] / 8)
-    falloff = 1.0 / (1.0 + (x * x + y * y) / np.float32((0.9 * small_w) ** 2))
-    blotch = 1.0 + 0.08 * rng.standard_normal((small_h, small_w)).astype(np.float32)
-    light = cv2.resize(falloff * cv2.GaussianBlur(blotch, (0, 0), 1.5), (width, height))
-    weave = 1.0 + 0.05 * np.sin(np.arange(width, dtype=np.float32) * 1.9)
-    return light, (weave * np.float32(appearance.belt_grey * appearance.light_intensity)).astype(np.float32)
+#: Belt light and shadow are smooth: they are made at this fraction of the frame size.
+_COARSE = 4
 
 
 def drop_shadow(
     alpha: np.ndarray, origin: tuple[int, int], size: tuple[int, int], offset_px: tuple[float, float], strength: float
 ) -> np.ndarray:
-    """The cell's soft shadow on the belt (0 = none), cast ``offset_px`` away from the light.
-
-    ``alpha`` is the cell's coverage of the image region starting at ``origin`` (x, y);
-    the shadow is made at quarter resolution, it is soft anyway.
-    """
+    """The cell's soft shadow on the belt (0 = none) at coarse resolution, cast
+    ``offset_px`` away from the light; ``alpha`` is the cell's coverage of the image region
+    starting at ``origin`` (x, y)."""
     width, height = size
-    canvas = np.zeros((max(height // 4, 1), max(width // 4, 1)), np.float32)
-    small = cv2.resize(alpha, (max(alpha.shape[1] // 4, 1), max(alpha.shape[0] // 4, 1)), interpolation=cv2.INTER_AREA)
-    x0, y0 = origin[0] // 4, origin[1] // 4
+    canvas = np.zeros((max(height // _COARSE, 1), max(width // _COARSE, 1)), np.float32)
+    small_size = (max(alpha.shape[1] // _COARSE, 1), max(alpha.shape[0] // _COARSE, 1))
+    small = cv2.resize(alpha, small_size, interpolation=cv2.INTER_AREA)
+    x0, y0 = origin[0] // _COARSE, origin[1] // _COARSE
     h, w = min(small.shape[0], canvas.shape[0] - y0), min(small.shape[1], canvas.shape[1] - x0)
     canvas[y0 : y0 + h, x0 : x0 + w] = small[:h, :w]
-    shift = np.float32([[1, 0, offset_px[0] / 4], [0, 1, offset_px[1] / 4]])
+    shift = np.float32([[1, 0, offset_px[0] / _COARSE], [0, 1, offset_px[1] / _COARSE]])
     canvas = cv2.GaussianBlur(cv2.warpAffine(canvas, shift, canvas.shape[::-1]), (0, 0), 2.0)
-    return cv2.resize(canvas, (width, height)) * np.float32(strength)
+    return canvas * np.float32(strength)
+
+
+def belt(
+    rng: np.random.Generator, appearance: Appearance, size: tuple[int, int], light_xy: tuple[float, float],
+    shadow: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Matte conveyor belt brightness (brighter under the light, darker in the cell's coarse
+    ``shadow``) and its weave, a factor per column."""
+    width, height = size
+    small_h, small_w = shadow.shape
+    x = (np.arange(small_w, dtype=np.float32)[None, :] + 0.5) * np.float32(width / small_w) - np.float32(light_xy[0])
+    y = (np.arange(small_h, dtype=np.float32)[:, None] + 0.5) * np.float32(height / small_h) - np.float32(light_xy[1])
+    falloff = 1.0 / (1.0 + (x * x + y * y) / np.float32((0.9 * width) ** 2))
+    blotch = 1.0 + 0.08 * rng.standard_normal((small_h, small_w)).astype(np.float32)
+    light = cv2.resize(falloff * cv2.GaussianBlur(blotch, (0, 0), 3.0) * (1.0 - shadow), (width, height))
+    weave = 1.0 + 0.05 * np.sin(np.arange(width, dtype=np.float32) * 1.9)
+    return light, (weave * np.float32(appearance.belt_grey * appearance.light_intensity)).astype(np.float32)
 
 
 def develop(
-    cell: np.ndarray, origin: tuple[int, int], background: tuple[np.ndarray, np.ndarray], shadow: np.ndarray,
+    cell: np.ndarray, origin: tuple[int, int], background: tuple[np.ndarray, np.ndarray],
     appearance: Appearance, rng: np.random.Generator,
 ) -> np.ndarray:
     """Focus blur, light tint, exposure, vignetting, shot and read noise; 8-bit BGR out.
 
     ``cell`` holds the cell's premultiplied linear B, G, R and coverage planes (4 x H x W)
     for the image region starting at ``origin`` (x, y); ``background`` is the belt's (or
-    backlight's) brightness as a map and a per-column factor, and ``shadow`` how much of
-    it the cell shades. Blur applies to the cell only: the belt's light varies too slowly
-    for focus to show.
+    backlight's) brightness as a map and a per-column factor. Blur applies to the cell
+    only: the belt's light varies too slowly for focus to show.
     """
     light, columns = background
     height, width = light.shape
@@ -101,7 +105,7 @@ def develop(
     planes = np.empty((3, height, width), np.uint8)
     noise, sign = noise_field(rng, (3, height, width))
     kernels.develop_kernel(
-        light, columns, shadow, np.float32(appearance.vignetting), cell, origin[0], origin[1],
+        light, columns, np.float32(appearance.vignetting), cell, origin[0], origin[1],
         light_tint(appearance.light_warmth) * np.float32(appearance.exposure), noise, np.float32(sign / NOISE_SCALE),
         np.float32(appearance.shot_noise), np.float32(appearance.read_noise), planes,
     )

@@ -16,6 +16,9 @@ import numpy as np
 from numba import njit
 
 F = np.float32
+#: Fast-math flags that keep results independent of memory alignment: no approximate
+#: functions or reciprocals, whose vector and scalar (loop peel) versions round differently.
+_FAST = {"nnan", "ninf", "nsz", "contract"}
 # Material ids (geometry.py re-exports them).
 _BELT, _FILM, _SEAL, _SEALANT, _TAB_AL, _TAB_NI = 0, 1, 2, 3, 4, 5
 # Deformation kind codes: index in records.DEFORMATION_KINDS.
@@ -31,14 +34,14 @@ _AMBIENT = F(0.22)
 _ZERO, _HALF, _ONE, _TWO = F(0.0), F(0.5), F(1.0), F(2.0)
 
 
-@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+@njit(cache=True, fastmath=_FAST, error_model="numpy", inline="always")
 def _bump(x):
     """Pillow profile: 1 at 0, 0 with zero slope at |x| >= 1."""
     q = max(_ONE - x * x, _ZERO)
     return q * math.sqrt(q)
 
 
-@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+@njit(cache=True, fastmath=_FAST, error_model="numpy", inline="always")
 def _box_sdf(pu, pv, half_u, half_v, radius):
     """Signed distance to a rounded rectangle centred at the origin (negative inside)."""
     qu = abs(pu) - (half_u - radius)
@@ -47,7 +50,7 @@ def _box_sdf(pu, pv, half_u, half_v, radius):
     return math.sqrt(ou * ou + ov * ov) + min(max(qu, qv), _ZERO) - radius
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
 def surface_kernel(affine, spec, swelling, swelling_labelled, fields) -> None:
     """Base pass: outline, body with its swelling dome, wings, seals (no deformations, no tabs).
 
@@ -97,7 +100,7 @@ def surface_kernel(affine, spec, swelling, swelling_labelled, fields) -> None:
             fields[5, j, i] = F(_FILM) if film else (F(_SEAL) if in_pouch else F(_BELT))
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
 def deformation_kernel(affine, spec, swelling, kinds, magnitudes, params, labelled, box, bottom, top, defect, weight) -> None:
     """Add dents, creases, edge wrinkles (surface marks) and warp, bent corners (lift) over
     the pixel ``box`` (row from, row to, column from, column to) they can reach."""
@@ -153,7 +156,7 @@ def deformation_kernel(affine, spec, swelling, kinds, magnitudes, params, labell
             defect[j, i] = score
 
 
-@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+@njit(cache=True, fastmath=_FAST, error_model="numpy", inline="always")
 def _tab_sdf(tab, u, v, spec, tabs):
     """Distance to one tab as built and as nominal, and the tab's lift (bent tabs).
 
@@ -182,7 +185,7 @@ def _tab_sdf(tab, u, v, spec, tabs):
     return _box_sdf(tu - tab_length * _HALF, tv, tab_length * _HALF, half_w, _HALF), nominal, lift
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
 def tab_kernel(affine, spec, tabs, box, sdf, bottom, top, material, defect) -> None:
     """Tabs and their sealant, and the extent of tab damage, over the pixel ``box``
     (row from, row to, column from, column to) that holds the tab end of the cell."""
@@ -215,13 +218,13 @@ def tab_kernel(affine, spec, tabs, box, sdf, bottom, top, material, defect) -> N
                 defect[j, i] = max(defect[j, i], _ONE)
 
 
-@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+@njit(cache=True, fastmath=_FAST, error_model="numpy", inline="always")
 def _column(luts, column):
     """One property of every material, as a tuple held in registers."""
     return luts[0, column], luts[1, column], luts[2, column], luts[3, column], luts[4, column], luts[5, column]
 
 
-@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+@njit(cache=True, fastmath=_FAST, error_model="numpy", inline="always")
 def _pick(mat, values):
     """``values[mat]`` as a chain of selects: table look-ups would stop vectorisation."""
     return (
@@ -230,7 +233,7 @@ def _pick(mat, values):
     )
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
 def shade_kernel(top, gx, gy, material, sdf, texture, label, x0, y0, px_to_mm, camera, light, ring, bar_axis, luts, out) -> None:
     """Premultiplied linear B, G, R and coverage planes (out[0..3]) of the cell in an image region.
 
@@ -296,18 +299,18 @@ def shade_kernel(top, gx, gy, material, sdf, texture, label, x0, y0, px_to_mm, c
             out[3, j, i] = coverage
 
 
-@njit(cache=True, fastmath=True, error_model="numpy", inline="always")
+@njit(cache=True, fastmath=_FAST, error_model="numpy", inline="always")
 def _quantise(value):
     return np.uint8(min(max(value * F(255.0) + _HALF, _ZERO), F(255.0)))
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
-def develop_kernel(background, columns, shadow, vignetting, cell, x0, y0, tint, noise, sign, shot, read, out) -> None:
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
+def develop_kernel(background, columns, vignetting, cell, x0, y0, tint, noise, sign, shot, read, out) -> None:
     """Premultiplied cell planes (B, G, R, coverage; region at x0, y0) over the background.
 
     The background's brightness is ``background`` times a per-column factor ``columns``
     (the belt's weave). Then light tint (times exposure gain), vignetting (the corners
-    lose ``vignetting`` of their light), the cell's shadow on the background, shot and read
+    lose ``vignetting`` of their light), shot and read
     noise (level set by the green channel; ``noise`` is Gaussian noise in int8 planes,
     times ``sign`` it has unit variance) and quantisation into the B, G, R planes of ``out``.
     """
@@ -330,7 +333,7 @@ def develop_kernel(background, columns, shadow, vignetting, cell, x0, y0, tint, 
             cr = cell[2, jj, ii] if inside else _ZERO
             r2 = ((F(x) - half_w) * (F(x) - half_w) + dy2) * inv_r2
             scale = _ONE - vignetting * r2 * (F(1.2) - F(0.2) * r2)
-            ground = background[y, x] * columns[x] * (_ONE - shadow[y, x] * (_ONE - a)) * (_ONE - a)
+            ground = background[y, x] * columns[x] * (_ONE - a)
             b = (ground + cb) * tb * scale
             g = (ground + cg) * tg * scale
             r = (ground + cr) * tr * scale

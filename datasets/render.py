@@ -117,7 +117,7 @@ def render_top(scene: CellScene, size: tuple[int, int] = (640, 480)) -> Rendered
     away = np.array([axis[0] - light_xy[0], axis[1] - light_xy[1]], np.float32)
     away *= 6.0 / max(float(np.hypot(*away)), 1.0)
     shadow = drop_shadow(cell[3], (x0, y0), size, (float(away[0]), float(away[1])), 0.45)
-    image = develop(cell, (x0, y0), belt(rng, appearance, size, light_xy), shadow, appearance, rng)
+    image = develop(cell, (x0, y0), belt(rng, appearance, size, light_xy, shadow), appearance, rng)
     return _finish(scene, "top", image, cell[3], surf.defect > _MASK_SHARE, (x0, y0), ppm, {})
 
 
@@ -172,7 +172,7 @@ def render_side(scene: CellScene, size: tuple[int, int] = (640, 480)) -> Rendere
     colour = (film[:, None, None] * 0.18 + edge_glint[None]) * (appearance.light_intensity * alpha)[None]
     cell = np.ascontiguousarray(np.concatenate([colour, alpha[None]]), dtype=np.float32)
     background = np.ascontiguousarray(background, dtype=np.float32)
-    image = develop(cell, (0, 0), (background, np.ones(width, np.float32)), np.zeros_like(alpha), appearance, rng)
+    image = develop(cell, (0, 0), (background, np.ones(width, np.float32)), appearance, rng)
     return _finish(scene, "side", image, alpha, nominal_alpha <= 0.5, (0, 0), ppm, {"belt_line_px": horizon})
 
 

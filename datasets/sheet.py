@@ -66,18 +66,31 @@ def pick(reader: DatasetReader, count: int) -> list[FrameRecord]:
     return chosen
 
 
+def _profile_rows(height: int, polygon: list[tuple[float, float]]) -> tuple[int, int]:
+    """Rows around a side view's silhouette: a thickness profile is only a few pixels tall,
+    so the sheet shows this band stretched to the frame's shape."""
+    ys = [y for _, y in polygon]
+    top = max(int(min(ys)) - 12, 0)
+    return top, min(int(max(ys)) + 12, height)
+
+
 def _tile(reader: DatasetReader, record: FrameRecord, width: int, colour: tuple[int, int, int]) -> np.ndarray:
     image = reader.read_image(record, cv2.IMREAD_COLOR)
     mask = reader.read_mask(record)
+    caption = _caption(record)
+    height = max(int(round(image.shape[0] * width / image.shape[1])), 1)
+    if record.view == "side" and record.ground_truth is not None:
+        top, bottom = _profile_rows(image.shape[0], record.ground_truth.polygon)
+        caption[0] += f"  (height x{image.shape[0] / (bottom - top):.0f})"
+        image = image[top:bottom]
+        mask = None if mask is None else mask[top:bottom]
+    thumb = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
     if mask is not None and mask.any():
         # Outline a slightly grown mask so the line surrounds the defect instead of hiding it.
-        scale = max(image.shape[1] // width, 1)
-        grown = cv2.dilate((mask > 0).astype(np.uint8), np.ones((3 * scale + 1, 3 * scale + 1), np.uint8))
+        small = cv2.resize((mask > 0).astype(np.uint8) * 255, (width, height), interpolation=cv2.INTER_AREA) > 0
+        grown = cv2.dilate(small.astype(np.uint8), np.ones((3, 3), np.uint8))
         contours, _ = cv2.findContours(grown, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(image, contours, -1, (0, 0, 255), scale, cv2.LINE_AA)
-    height = max(int(round(image.shape[0] * width / image.shape[1])), 1)
-    thumb = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-    caption = _caption(record)
+        cv2.drawContours(thumb, contours, -1, (0, 0, 255), 1, cv2.LINE_AA)
     band = np.full((18 * len(caption) + 8, width, 3), 30, np.uint8)
     for row, text in enumerate(caption):
         cv2.putText(band, text, (6, 18 + 18 * row), _FONT, 0.45, (255, 255, 255) if row == 0 else (210, 210, 210), 1, cv2.LINE_AA)
