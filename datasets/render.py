@@ -79,14 +79,24 @@ def _finish(
     )
 
 
+def _body_centre(scene: CellScene) -> tuple[float, float]:
+    """Where the body's centre lies (mm from the optical axis) so that the whole outline,
+    tabs included, is centred on the pose: the tabs make the outline longer on one side."""
+    u0, u1, _, _ = patch_bounds(scene.spec)
+    cos_t, sin_t = rotation(scene.pose.rotation_deg)
+    offset = (u0 + u1) / 2
+    return scene.pose.x_mm - cos_t * offset, scene.pose.y_mm - sin_t * offset
+
+
 def _top_region(scene: CellScene, size: tuple[int, int], ppm: float) -> tuple[int, int, int, int]:
     """Image region (x0, y0, x1, y1) that holds the whole cell at its pose."""
     width, height = size
     cos_t, sin_t = rotation(scene.pose.rotation_deg)
     u0, u1, v0, v1 = patch_bounds(scene.spec)
     corners = np.array([(u, v) for u in (u0, u1) for v in (v0, v1)])
-    xs = (cos_t * corners[:, 0] - sin_t * corners[:, 1] + scene.pose.x_mm) * ppm + width / 2
-    ys = (sin_t * corners[:, 0] + cos_t * corners[:, 1] + scene.pose.y_mm) * ppm + height / 2
+    body_x, body_y = _body_centre(scene)
+    xs = (cos_t * corners[:, 0] - sin_t * corners[:, 1] + body_x) * ppm + width / 2
+    ys = (sin_t * corners[:, 0] + cos_t * corners[:, 1] + body_y) * ppm + height / 2
     return (
         max(int(xs.min()) - 1, 0), max(int(ys.min()) - 1, 0),
         min(int(np.ceil(xs.max())) + 1, width), min(int(np.ceil(ys.max())) + 1, height),
@@ -102,8 +112,9 @@ def render_top(scene: CellScene, size: tuple[int, int] = (640, 480)) -> Rendered
     x0, y0, x1, y1 = _top_region(scene, size, ppm)
     # Region pixel (i, j) -> cell frame: undo the pose (shift, then rotation), in mm.
     cos_t, sin_t = rotation(pose.rotation_deg)
-    wx = (x0 + 0.5 - width / 2) / ppm - pose.x_mm
-    wy = (y0 + 0.5 - height / 2) / ppm - pose.y_mm
+    body_x, body_y = _body_centre(scene)
+    wx = (x0 + 0.5 - width / 2) / ppm - body_x
+    wy = (y0 + 0.5 - height / 2) / ppm - body_y
     affine = np.array([
         [cos_t / ppm, sin_t / ppm, cos_t * wx + sin_t * wy],
         [-sin_t / ppm, cos_t / ppm, -sin_t * wx + cos_t * wy],
@@ -158,7 +169,7 @@ def render_side(scene: CellScene, size: tuple[int, int] = (640, 480)) -> Rendere
     ppm = _SIDE_FOCAL_PX_AT_640 * (width / 640.0) / appearance.camera_height_mm
     horizon = height * _SIDE_HORIZON
     x = np.arange(width, dtype=np.float32)
-    u0 = (0.5 - width / 2) / ppm - scene.pose.x_mm  # cell-frame u of column 0
+    u0 = (0.5 - width / 2) / ppm - _body_centre(scene)[0]  # cell-frame u of column 0
     rows = np.arange(height, dtype=np.float32)[:, None]
     z_high = (horizon - rows) / ppm  # height above the belt of each row's upper edge, mm
     alpha, top = _side_coverage(scene, u0, width, z_high, ppm)

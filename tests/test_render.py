@@ -90,9 +90,10 @@ def side_thickness_mm(frame: RenderedFrame) -> float:
     window = grey[belt - int(12 * mm) : belt]  # the silhouette lies in the 12 mm above the belt
     bright = np.median(grey[belt - int(20 * mm) : belt - int(14 * mm)], axis=0)  # backlight just above it
     dark = np.median(grey[belt - 8 : belt - 3], axis=0)  # inside the silhouette
-    cols = slice(grey.shape[1] // 2 - 40, grey.shape[1] // 2 + 40)
-    cover = (bright[cols] - window[:, cols]) / np.maximum(bright[cols] - dark[cols], 1.0)
-    return float(np.median(cover.sum(axis=0))) / mm
+    cols = slice(grey.shape[1] // 2 - 120, grey.shape[1] // 2 + 120)  # the body, away from seals and tabs
+    cover = ((bright[cols] - window[:, cols]) / np.maximum(bright[cols] - dark[cols], 1.0)).sum(axis=0)
+    smooth = np.convolve(cover, np.ones(21) / 21, mode="valid")  # average out noise, keep the dome
+    return float(smooth.max()) / mm
 
 
 @pytest.mark.parametrize("swelling", [0.3, 0.8, 1.6, 2.9])
