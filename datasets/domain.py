@@ -40,6 +40,7 @@ class Domain(BaseModel):
     ring_height_mm: Range = Field(description="Height of the ring light above the belt.")
     bar_offset_mm: Range = Field(description="Horizontal distance of the bar light from the optical axis.")
     bar_height_mm: Range = Field(description="Height of the bar light above the belt.")
+    room_light: Range = Field(description="Brightness of the room reflected by the foil where the light is not.")
     camera_height_mm: Range = Field(description="Camera height above the belt (sets px/mm).")
     exposure: Range = Field(description="Exposure gain applied at the sensor.")
     read_noise: Range = Field(description="Sensor read-noise standard deviation (fraction of full scale).")
@@ -54,7 +55,7 @@ class Domain(BaseModel):
 
     _ranges = field_validator(
         "light_intensity", "light_warmth", "ring_radius_mm", "ring_height_mm", "bar_offset_mm",
-        "bar_height_mm", "camera_height_mm", "exposure", "read_noise", "shot_noise",
+        "bar_height_mm", "room_light", "camera_height_mm", "exposure", "read_noise", "shot_noise",
         "blur_sigma_px", "vignetting", "jpeg_quality", "belt_grey",
     )(_ordered)
 

@@ -234,7 +234,7 @@ def _pick(mat, values):
 
 
 @njit(cache=True, fastmath=_FAST, error_model="numpy")
-def shade_kernel(top, gx, gy, material, sdf, texture, label, x0, y0, px_to_mm, camera, light, ring, bar_axis, luts, out) -> None:
+def shade_kernel(top, gx, gy, material, sdf, texture, label, x0, y0, px_to_mm, camera, light, ring, bar_axis, room, luts, out) -> None:
     """Premultiplied linear B, G, R and coverage planes (out[0..3]) of the cell in an image region.
 
     Lighting is done in the belt's frame (mm, z up): ``px_to_mm`` is (centre x, centre y,
@@ -282,6 +282,8 @@ def shade_kernel(top, gx, gy, material, sdf, texture, label, x0, y0, px_to_mm, c
                 max((bar_half_w - across) / soft + _HALF, _ZERO), _ONE
             )
             highlight = (ring_on * fall * fall * fall + (_ONE - ring_on) * bar) if rz > F(0.05) else _ZERO
+            surround = room[0] * min(max(_HALF + room[3] * (rx * room[1] + ry * room[2]), _ZERO), _ONE)
+            highlight = highlight + surround
             lx, ly, lz = light_x - px, light_y - py, light_z - z
             lambert = max((nx * lx + ny * ly + nz * lz) / math.sqrt(lx * lx + ly * ly + lz * lz), _ZERO)
             art = label[j, i] if mat == _FILM else np.uint8(0)

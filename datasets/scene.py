@@ -50,6 +50,8 @@ class Appearance:
     bar_offset_mm: float
     bar_height_mm: float
     bar_angle_deg: float
+    room_light: float
+    room_angle_deg: float
     camera_height_mm: float
     exposure: float
     read_noise: float
@@ -176,6 +178,8 @@ def sample_appearance(rng: np.random.Generator, domain: Domain) -> Appearance:
         bar_offset_mm=_uniform(rng, domain.bar_offset_mm),
         bar_height_mm=_uniform(rng, domain.bar_height_mm),
         bar_angle_deg=_uniform(rng, (0.0, 360.0)),
+        room_light=_uniform(rng, domain.room_light),
+        room_angle_deg=_uniform(rng, (0.0, 360.0)),
         camera_height_mm=_uniform(rng, domain.camera_height_mm),
         exposure=_uniform(rng, domain.exposure),
         read_noise=_uniform(rng, domain.read_noise),

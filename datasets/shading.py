@@ -32,6 +32,8 @@ _MATERIALS = {
     TAB_NI: ((0.52, 0.56, 0.60), 0.5, 0.70, 0.004),
 }
 _RING_WIDTH_MM = 9.0
+#: How fast the room's reflection brightens per unit of the mirror ray's sideways lean.
+_ROOM_SLOPE = 3.0
 _BAR_HALF_LENGTH_MM, _BAR_HALF_WIDTH_MM = 110.0, 16.0
 
 
@@ -137,10 +139,12 @@ def shade_region(
         [rig.kind == "ring", appearance.ring_radius_mm, _RING_WIDTH_MM, _BAR_HALF_LENGTH_MM, _BAR_HALF_WIDTH_MM],
         np.float32,
     )
+    angle = math.radians(appearance.room_angle_deg)
+    room = np.array([appearance.room_light, math.cos(angle), math.sin(angle), _ROOM_SLOPE], np.float32)
     out = np.empty((4, *surf.top.shape), np.float32)
     kernels.shade_kernel(
         surf.top, gx, gy, surf.material, surf.sdf, texture, label, origin[0], origin[1],
         np.array([optical_axis[0], optical_axis[1], 1.0 / ppm], np.float32), np.array(rig.camera, np.float32),
-        np.array(rig.centre, np.float32), ring, np.array(rig.axis, np.float32), material_luts(appearance.film), out,
+        np.array(rig.centre, np.float32), ring, np.array(rig.axis, np.float32), room, material_luts(appearance.film), out,
     )
     return out

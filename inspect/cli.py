@@ -11,6 +11,8 @@ from rich.console import Console
 
 from pouchline.datasets.cli import app as dataset_app
 from pouchline.datasets.cli import fail
+from pouchline.models.cli import app as model_app
+from pouchline.models.metadata import ModelError
 
 app = typer.Typer(
     name="pouchline",
@@ -66,15 +68,42 @@ def bench_synth(
         console.print(f"wrote {json_path}")
 
 
+_SHIPPED = Path(__file__).resolve().parent.parent / "models" / "pouchline-detector"
+
+
+@bench_app.command("model")
+def bench_model(
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")] = None,
+    model: Annotated[Path, typer.Option(help="FP32 ONNX model.")] = _SHIPPED.with_suffix(".onnx"),
+    int8: Annotated[Path, typer.Option(help="INT8 ONNX model.")] = _SHIPPED.with_suffix(".int8.onnx"),
+    weights: Annotated[Path, typer.Option(help="The same weights for PyTorch eager (.pt).")] = _SHIPPED.with_suffix(".pt"),
+    frames: Annotated[int, typer.Option(min=32, help="Fresh synthetic frames for the accuracy columns.")] = 600,
+) -> None:
+    """PyTorch eager vs onnxruntime FP32 vs INT8: latency, throughput, accuracy (ratio `ort_int8_vs_torch_throughput`)."""
+    from pouchline.models.bench import run
+
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise fail("bench model compares against PyTorch eager: pip install torch==2.13.0 first") from exc
+    try:
+        report = run(model, int8, weights, frames=frames)
+    except (ModelError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from exc
+    report.print(console)
+    if json_path is not None:
+        report.save(json_path)
+        console.print(f"wrote {json_path}")
+
+
 for _name, _issue, _what in (
-    ("model", 3, "defect detector: train, export to ONNX, INT8, evaluate"),
     ("transport", 4, "ZeroMQ transport against imagezmq"),
     ("pipeline", 5, "stations -> transport -> workers -> verdicts"),
 ):
     bench_app.add_typer(_not_built(f"bench {_name}", _issue, _what), name=_name)
 
 app.add_typer(dataset_app, name="dataset")
-app.add_typer(_not_built("model", 3, "defect detector: train, export to ONNX, INT8, evaluate"), name="model")
+app.add_typer(model_app, name="model")
 app.add_typer(_not_built("station", 4, "camera stations and the ZeroMQ frame transport"), name="station")
 app.add_typer(_not_built("inspect", 5, "inspection workers running the ONNX detector"), name="inspect")
 app.add_typer(_not_built("controller", 6, "line controller and QA review in the browser"), name="controller")

@@ -9,6 +9,7 @@ to the right. Needs only OpenCV and NumPy (no torch), so the runtime can use it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,17 +45,36 @@ def _border(values: np.ndarray) -> np.ndarray:
     return np.concatenate([values[:4].ravel(), values[-4:].ravel(), values[:, :4].ravel(), values[:, -4:].ravel()])
 
 
-def _belt_model(image: np.ndarray) -> np.ndarray:
-    """The belt as it would look without the cell: a quadratic surface per channel fitted
-    to the frame's border, so light falloff and vignetting are not mistaken for the cell."""
-    height, width, channels = image.shape
+@functools.lru_cache(maxsize=8)
+def _quadratic_basis(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """1, x, y, x^2, y^2, xy per pixel, and the mask of the frame's 3-pixel border ring."""
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     xs, ys = xs / width - 0.5, ys / height - 0.5
     basis = np.stack([np.ones_like(xs), xs, ys, xs * xs, ys * ys, xs * ys], axis=-1)
     ring = np.zeros((height, width), bool)
     ring[:3], ring[-3:], ring[:, :3], ring[:, -3:] = True, True, True, True
-    coefficients, *_ = np.linalg.lstsq(basis[ring], image[ring].reshape(-1, channels).astype(np.float32), rcond=None)
-    return (basis @ coefficients.astype(np.float32)).reshape(height, width, channels)
+    return basis, ring
+
+
+def _belt_model(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """The belt as it would look without the cell, and how much the belt itself varies.
+
+    A quadratic surface per channel is fitted to the frame's border, so light falloff and
+    vignetting are not mistaken for the cell. The fit is repeated without the border pixels
+    it explains badly, which are a cell running off the frame.
+    """
+    height, width, channels = image.shape
+    basis, ring = _quadratic_basis(height, width)
+    samples, values = basis[ring], image[ring].reshape(-1, channels).astype(np.float32)
+    keep = np.ones(len(samples), bool)
+    for _ in range(2):
+        used = samples[keep].astype(np.float64)
+        coefficients = np.linalg.solve(used.T @ used + 1e-6 * np.eye(6), used.T @ values[keep])
+        residual = np.abs(samples @ coefficients - values).max(axis=1)
+        spread = float(np.median(residual[keep])) + 1.0
+        keep = residual < 6.0 * spread
+    model = (basis @ coefficients.astype(np.float32)).reshape(height, width, channels)
+    return model, float(np.percentile(residual[keep], 99))
 
 
 def _foreground(image: np.ndarray) -> np.ndarray:
@@ -68,12 +88,13 @@ def _foreground(image: np.ndarray) -> np.ndarray:
     small = cv2.resize(image, None, fx=_SCALE, fy=_SCALE, interpolation=cv2.INTER_AREA)
     if small.ndim == 2:
         small = small[..., None]
-    diff = cv2.GaussianBlur(np.abs(small.astype(np.float32) - _belt_model(small)).max(axis=2), (3, 3), 0)
+    belt, belt_noise = _belt_model(small)
+    diff = cv2.GaussianBlur(np.abs(small.astype(np.float32) - belt).max(axis=2), (3, 3), 0)
     grey = cv2.GaussianBlur(small.max(axis=2), (3, 3), 0)
     belt_edges = _border(cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1)))
-    low = max(2.0 * float(np.percentile(belt_edges, 99)), 2.0 * _MIN_CONTRAST)
+    low = max(4.0 * float(np.percentile(belt_edges, 75)), 2.0 * _MIN_CONTRAST)
     edges = cv2.Canny(grey, low, 2.0 * low, L2gradient=True)  # hysteresis keeps faint outline runs
-    mask = (diff > max(2.5 * float(np.percentile(_border(diff), 99)), _MIN_CONTRAST)).astype(np.uint8) * 255
+    mask = (diff > max(2.5 * belt_noise, _MIN_CONTRAST)).astype(np.uint8) * 255
     mask = cv2.morphologyEx(mask | edges, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
     outside = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)
     filled = mask.copy()
@@ -98,11 +119,27 @@ def _crop_matrix(center: tuple[float, float], size: tuple[float, float], angle_d
     ])
 
 
+def _two_tab_share(columns: np.ndarray) -> float:
+    """Share of mask columns (crossing the cell's width) that meet exactly two runs: the tabs."""
+    crossing = columns > 0
+    starts = crossing[1:] & ~crossing[:-1]
+    runs = starts.sum(axis=0) + crossing[0]
+    return float((runs == 2).mean())
+
+
 def _tabs_on_left(mask: np.ndarray, matrix: np.ndarray) -> bool:
-    """True when the narrow (tab) end of the outline is at the crop's left."""
+    """True when the tab end of the outline is at the crop's left.
+
+    The tab end is where a line across the cell meets two separate pieces, the tabs. Tabs
+    are bright metal and always stand out from the belt, even when the film does not. When
+    that test is a tie, the narrow end (less fill) is taken.
+    """
     canonical = cv2.warpAffine(mask, matrix, (64, 32), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
-    columns = (canonical > 0).mean(axis=0)
-    return float(columns[3:9].mean()) < float(columns[-9:-3].mean())
+    left, right = _two_tab_share(canonical[:, 1:7]), _two_tab_share(canonical[:, -7:-1])
+    if left != right:
+        return left > right
+    fill = (canonical > 0).mean(axis=0)
+    return float(fill[3:9].mean()) < float(fill[-9:-3].mean())
 
 
 def locate(image: np.ndarray, crop_size: tuple[int, int] = CROP_SIZE) -> Located:

@@ -1,0 +1,239 @@
+"""`pouchline model eval`: metrics and plots of a shipped ONNX model on a labelled dataset.
+
+Frames go through `Inferencer.predict`, the same code as live inspection, decode and
+locate included. The report folder gets:
+
+* ``metrics.json`` (also where ``--json`` points);
+* ``roc.png`` and ``pr.png``: ROC and PR curves per defect and for the anomaly score;
+* ``confusion.png``: the confusion matrix at the shipped thresholds;
+* ``swelling.png``: predicted against true swelling;
+* ``worst.png``: a grid of the worst errors with heat-map overlays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pouchline.datasets.manifest import DatasetError, DatasetReader
+from pouchline.datasets.records import DEFORMATION_KINDS, FrameRecord
+from pouchline.models.inference import Inferencer, Prediction
+from pouchline.models.metrics import auroc, pr_curve, recall, roc_curve
+
+#: Swollen recall is specified for swelling of at least this much (mm).
+SWOLLEN_RECALL_FROM_MM = 0.5
+_BATCH = 32
+
+
+@dataclass
+class Scored:
+    """Everything evaluation needs about one frame."""
+
+    record: FrameRecord
+    prediction: Prediction
+
+
+def _score(model: Inferencer, reader: DatasetReader, split: str | None, view: str, progress: bool) -> list[Scored]:
+    records = [r for r in reader.records(split) if r.view == view]
+    if not records:
+        raise DatasetError(reader.root, f"has no '{view}' frames{f' in split {split}' if split else ''} to evaluate")
+    scored: list[Scored] = []
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not progress) as bar:
+        task = bar.add_task("frames", total=len(records))
+        for start in range(0, len(records), _BATCH):
+            chunk = records[start : start + _BATCH]
+            images = [reader.read_image(r, cv2.IMREAD_UNCHANGED) for r in chunk]
+            for record, prediction in zip(chunk, model.predict(images)):
+                scored.append(Scored(record, prediction))
+            bar.advance(task, len(chunk))
+    return scored
+
+
+def _defect_kinds(record: FrameRecord) -> set[str]:
+    return {kind for kind, severity in record.severities.items() if severity > 0 and kind in DEFORMATION_KINDS}
+
+
+def compute_metrics(scored: list[Scored], model: Inferencer) -> dict[str, Any]:
+    """The metrics JSON: per-output recall/AUROC, false rejects, swelling error, anomaly recall."""
+    meta = model.meta
+    located = [s for s in scored if s.prediction.status == "ok"]
+    metrics: dict[str, Any] = {
+        "images": len(scored),
+        "not_located": {status: sum(s.prediction.status == status for s in scored) for status in ("no_cell", "partial_cell")},
+        "thresholds": meta.thresholds,
+        "anomaly_threshold": meta.anomaly_threshold,
+    }
+    good = [s for s in located if s.record.labels == ["ok"]]
+    held_out = set(meta.training.get("held_out_kinds", []))
+    for name in meta.outputs:
+        scores = np.array([s.prediction.probs[name] for s in located])
+        truth = np.array([name in s.record.labels for s in located])
+        if name == "swollen":
+            eligible = np.array([s.record.ground_truth is None or s.record.ground_truth.swelling_mm >= SWOLLEN_RECALL_FROM_MM
+                                 for s in located])
+            positives = truth & eligible
+        elif name == "deformed" and held_out:
+            positives = truth & np.array([not (_defect_kinds(s.record) <= held_out) for s in located])
+        else:
+            positives = truth
+        metrics[name] = {
+            "auroc": auroc(scores, truth),
+            "recall": recall(scores[positives], meta.thresholds[name]),
+            "recall_all": recall(scores[truth], meta.thresholds[name]),
+            "positives": int(positives.sum()),
+        }
+    if good:
+        flagged = [bool(set(s.prediction.flagged) - {"anomaly"}) for s in good]
+        metrics["false_reject_rate"] = float(np.mean(flagged))
+        metrics["false_reject_rate_with_anomaly"] = float(np.mean([bool(s.prediction.flagged) for s in good]))
+        metrics["good_images"] = len(good)
+    else:
+        metrics["false_reject_rate"] = float("nan")
+    with_truth = [s for s in located if s.record.ground_truth is not None]
+    if meta.has_swelling and with_truth:
+        errors = np.array([s.prediction.swelling_mm - s.record.ground_truth.swelling_mm for s in with_truth])  # type: ignore[union-attr]
+        metrics["swelling_mae_mm"] = float(np.abs(errors).mean())
+        metrics["swelling_p95_abs_error_mm"] = float(np.percentile(np.abs(errors), 95))
+    anomaly_scores = np.array([s.prediction.anomaly for s in located])
+    defective = np.array([s.record.labels != ["ok"] for s in located])
+    unseen = np.array([bool(_defect_kinds(s.record) & held_out) for s in located])
+    metrics["anomaly"] = {
+        "auroc": auroc(anomaly_scores, defective),
+        "held_out_kinds": sorted(held_out),
+        "recall_unseen": recall(anomaly_scores[unseen], meta.anomaly_threshold),
+        "unseen_images": int(unseen.sum()),
+    }
+    return metrics
+
+
+def _plots(scored: list[Scored], model: Inferencer, reader: DatasetReader, report: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = model.meta
+    located = [s for s in scored if s.prediction.status == "ok"]
+    curves = {name: (np.array([s.prediction.probs[name] for s in located]),
+                     np.array([name in s.record.labels for s in located])) for name in meta.outputs}
+    curves["anomaly"] = (np.array([s.prediction.anomaly for s in located]),
+                         np.array([s.record.labels != ["ok"] for s in located]))
+    for kind, title in (("roc", "ROC"), ("pr", "Precision-recall")):
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        for name, (scores, truth) in curves.items():
+            if truth.all() or not truth.any():
+                continue
+            if kind == "roc":
+                fpr, tpr = roc_curve(scores, truth)
+                ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc(scores, truth):.4f})")
+                ax.set_xlabel("false-positive rate")
+                ax.set_ylabel("true-positive rate")
+                ax.set_xscale("symlog", linthresh=0.01)
+            else:
+                rec, prec = pr_curve(scores, truth)
+                ax.plot(rec, prec, label=name)
+                ax.set_xlabel("recall")
+                ax.set_ylabel("precision")
+        ax.set_title(f"{title}: {reader.info.name}")
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(report / f"{kind}.png", dpi=110)
+        plt.close(fig)
+
+    names = ["ok", *meta.outputs]
+    matrix = np.zeros((len(names), len(names)), int)
+    for s in located:
+        predicted = [n for n in meta.outputs if n in s.prediction.flagged] or ["ok"]
+        for truth in s.record.labels:
+            for guess in predicted:
+                if truth in names:
+                    matrix[names.index(truth), names.index(guess)] += 1
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", color="black")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted (at shipped thresholds)")
+    ax.set_ylabel("true label")
+    fig.tight_layout()
+    fig.savefig(report / "confusion.png", dpi=110)
+    plt.close(fig)
+
+    with_truth = [s for s in located if s.record.ground_truth is not None]
+    if meta.has_swelling and with_truth:
+        true = np.array([s.record.ground_truth.swelling_mm for s in with_truth])  # type: ignore[union-attr]
+        predicted = np.array([s.prediction.swelling_mm for s in with_truth])
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.scatter(true, predicted, s=4, alpha=0.4)
+        top = max(float(true.max()), float(predicted.max()), 0.5)
+        ax.plot([0, top], [0, top], "k--", lw=1)
+        if meta.swelling_limit_mm:
+            ax.axvline(meta.swelling_limit_mm, color="r", lw=0.8, label="spec limit")
+            ax.legend()
+        ax.set_xlabel("true swelling (mm)")
+        ax.set_ylabel("predicted swelling (mm)")
+        ax.set_title(f"MAE {np.abs(predicted - true).mean():.3f} mm")
+        fig.tight_layout()
+        fig.savefig(report / "swelling.png", dpi=110)
+        plt.close(fig)
+    _worst_grid(located, model, reader, report / "worst.png")
+
+
+def _error_size(s: Scored, meta: Any) -> float:
+    """How wrong a prediction is: the largest probability margin on the wrong side."""
+    worst = 0.0
+    for name in meta.outputs:
+        p, t = s.prediction.probs[name], meta.thresholds[name]
+        worst = max(worst, (t - p) if name in s.record.labels else (p - t))
+    return worst
+
+
+def _worst_grid(located: list[Scored], model: Inferencer, reader: DatasetReader, out: Path, count: int = 16) -> None:
+    """The frames the model got most wrong, with its heat map over the crop."""
+    worst = sorted(located, key=lambda s: _error_size(s, model.meta), reverse=True)[:count]
+    tiles = []
+    for s in worst:
+        crop = s.prediction.located.crop if s.prediction.located is not None else None
+        if crop is None or s.prediction.heatmap is None:
+            continue
+        crop = crop if crop.ndim == 3 and crop.shape[2] == 3 else cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR)
+        heat = cv2.resize(s.prediction.heatmap, (crop.shape[1], crop.shape[0]))
+        overlay = cv2.addWeighted(crop, 0.65, cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET), 0.35, 0)
+        tile = cv2.resize(overlay, (crop.shape[1] * 2, crop.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
+        band = np.full((40, tile.shape[1], 3), 25, np.uint8)
+        probs = " ".join(f"{k[:4]} {v:.2f}" for k, v in s.prediction.probs.items())
+        cv2.putText(band, f"true {'+'.join(s.record.labels)} | {probs}", (4, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (255, 255, 255), 1)
+        kinds = ",".join(sorted(_defect_kinds(s.record))) or "-"
+        cv2.putText(band, f"{s.record.id} {kinds}", (4, 33), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (190, 190, 190), 1)
+        tiles.append(np.vstack([tile, band]))
+    if not tiles:
+        return
+    columns = 4
+    blank = np.zeros_like(tiles[0])
+    rows = [np.hstack(tiles[i : i + columns] + [blank] * (columns - len(tiles[i : i + columns])))
+            for i in range(0, len(tiles), columns)]
+    cv2.imwrite(str(out), np.vstack(rows))
+
+
+def evaluate(model_path: Path, data: Path, report: Path, *, split: str | None = None, threads: int = 2,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate a model on a dataset (one split, or all frames); writes the report folder."""
+    model = Inferencer(model_path, threads=threads)
+    reader = DatasetReader(data)
+    view = "crop" if model.meta.input.aligned_crops else model.meta.input.view
+    scored = _score(model, reader, split, view, progress)
+    metrics = {"model": str(model_path), "model_sha256": model.meta.sha256, "data": str(data), "split": split,
+               **compute_metrics(scored, model)}
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _plots(scored, model, reader, report)
+    return metrics

@@ -1,0 +1,76 @@
+"""The detector network (PyTorch; training and export only, never imported by the runtime).
+
+A compact CNN, trained from scratch, on the aligned cell crop:
+
+* a backbone of four strided stages (16-32-64-128 channels);
+* class logits from the concatenated average and max pool of the last stage (the max
+  keeps small defects such as dents from being averaged away) and the heat map's peak;
+* a coarse defect heat map from the 1/8-resolution stage;
+* the swelling estimate in mm (the "virtual thickness gauge").
+
+`Deployed` wraps it for ONNX: it takes uint8 NHWC crops, bakes in the normalisation, and
+adds the anomaly score. That score is the Mahalanobis distance of the pooled embedding
+from the Gaussian of good cells, computed in the graph through the Cholesky factor of the
+precision matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _stage(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )
+
+
+class Detector(nn.Module):
+    """Backbone plus class, heat-map and swelling heads."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        self.stage2 = _stage(widths[0], widths[1])
+        self.stage3 = _stage(widths[1], widths[2])
+        self.stage4 = _stage(widths[2], widths[3])
+        self.heat = nn.Conv2d(widths[2], 1, 1)
+        self.embedding_size = 2 * widths[3]
+        self.classes = nn.Linear(self.embedding_size + 1, num_classes)
+        self.swelling = nn.Sequential(nn.Linear(self.embedding_size, 64), nn.ReLU(inplace=True), nn.Linear(64, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised NCHW input -> (class logits, heat logits N x h x w, swelling mm, embedding)."""
+        mid = self.stage3(self.stage2(self.stem(x)))
+        deep = self.stage4(mid)
+        heat = self.heat(mid)[:, 0]
+        embedding = torch.cat([deep.mean(dim=(2, 3)), deep.amax(dim=(2, 3))], dim=1)
+        hottest = heat.amax(dim=(1, 2))[:, None]  # a local defect anywhere is evidence by itself
+        return self.classes(torch.cat([embedding, hottest], dim=1)), heat, self.swelling(embedding)[:, 0], embedding
+
+
+class Deployed(nn.Module):
+    """What the ONNX file computes: uint8 NHWC crops in, probabilities and scores out."""
+
+    def __init__(self, detector: Detector, mean: float, std: float, multilabel: bool,
+                 centre: torch.Tensor, whitening: torch.Tensor) -> None:
+        super().__init__()
+        self.detector = detector
+        self.multilabel = multilabel
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.tensor(1.0 / std, dtype=torch.float32))
+        self.register_buffer("centre", centre.to(torch.float32))
+        self.register_buffer("whitening", whitening.to(torch.float32))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = (image.permute(0, 3, 1, 2).to(torch.float32) - self.mean) * self.scale
+        logits, heat, swelling, embedding = self.detector(x)
+        probs = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
+        white = (embedding - self.centre) @ self.whitening
+        anomaly = torch.sqrt((white * white).sum(dim=1))
+        return probs, torch.sigmoid(heat), torch.relu(swelling), anomaly

@@ -1,0 +1,204 @@
+"""The detector pipeline end to end on a tiny dataset, and its guards against bad input.
+
+Real parts only: the renderer makes frames, PyTorch trains, torch.onnx exports,
+onnxruntime quantises and runs. Accuracy targets live in the shipped model's card and
+`pouchline model eval`, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pouchline.datasets.domain import load_domain
+from pouchline.datasets.importer import import_dataset
+from pouchline.datasets.manifest import DatasetError
+from pouchline.datasets.render import render_top
+from pouchline.datasets.scene import sample_scene
+from pouchline.datasets.spec import CellSpec
+from pouchline.datasets.synth import SynthConfig, synthesize
+from pouchline.models.locate import CROP_SIZE, locate
+from pouchline.models.metadata import ModelError, metadata_path
+from pouchline.models.metrics import auroc, threshold_at_frr
+
+torch = pytest.importorskip("torch", reason="training tests need the [train] extra (torch==2.13.0)")
+
+from pouchline.models.evaluate import evaluate  # noqa: E402
+from pouchline.models.export import AccuracyGateError, export  # noqa: E402
+from pouchline.models.inference import Inferencer  # noqa: E402
+from pouchline.models.train import TrainConfig, train  # noqa: E402
+
+SPEC, DOMAIN = CellSpec(), load_domain("default")
+
+
+def frame(index: int, seed: int = 5, defect_rate: float = 0.3) -> np.ndarray:
+    return render_top(sample_scene(seed, index, spec=SPEC, domain=DOMAIN, defect_rate=defect_rate)).image
+
+
+def test_locate_finds_the_cell_and_turns_the_tabs_right() -> None:
+    for index in range(30):
+        scene = sample_scene(5, index, spec=SPEC, domain=DOMAIN, defect_rate=0.3)
+        located = locate(render_top(scene).image)
+        assert located.status == "ok"
+        assert located.crop is not None and located.crop.shape[:2] == (CROP_SIZE[1], CROP_SIZE[0])
+        error = (located.angle_deg - scene.pose.rotation_deg + 180) % 360 - 180
+        assert abs(error) < 2.0, (index, located.angle_deg, scene.pose.rotation_deg)
+
+
+def test_locate_reports_no_cell_and_partial_cell() -> None:
+    belt = np.full((480, 640, 3), 60, np.uint8) + np.random.default_rng(0).integers(0, 6, (480, 640, 3), dtype=np.uint8)
+    assert locate(belt).status == "no_cell"
+    silver = next(i for i in range(50) if sample_scene(5, i, spec=SPEC, domain=DOMAIN, defect_rate=0.3).appearance.film == "silver")
+    image = frame(silver)
+    assert locate(image).status == "ok"
+    assert locate(np.ascontiguousarray(image[:, 200:])).status == "partial_cell"  # the cell runs off the left edge
+    assert locate(np.ascontiguousarray(image[150:])).status == "partial_cell"  # ... and off the top
+    with pytest.raises(ValueError, match="at least 32x32"):
+        locate(np.zeros((10, 10), np.uint8))
+
+
+def test_metrics_against_known_values() -> None:
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert auroc(np.array([1.0, 1.0]), np.array([0, 1])) == pytest.approx(0.5)
+    good = np.arange(1000) / 1000.0
+    threshold = threshold_at_frr(good, 0.005)
+    assert (good > threshold).mean() <= 0.005 and (good >= threshold).mean() > 0.005
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A few hundred synthetic cells, a 2-epoch run, and its FP32 + INT8 export."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = root / "data"
+    synthesize(data, SynthConfig(count=360, seed=3, defect_rate=0.4), workers=2, progress=False)
+    run = root / "run"
+    train(data, run, TrainConfig(epochs=2, seed=1, batch_size=32), progress=False)
+    model = root / "model" / "tiny.onnx"
+    result = export(run, model, int8=True, calib=data, force=True, progress=False)
+    return {"data": data, "run": run, "model": model, "int8": Path(result["int8"]), "root": root}
+
+
+def test_training_is_deterministic_per_seed(tiny: dict[str, Path], tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    train(tiny["data"], again, TrainConfig(epochs=2, seed=1, batch_size=32), progress=False)
+    first = torch.load(tiny["run"] / "detector.pt", weights_only=True)
+    second = torch.load(again / "detector.pt", weights_only=True)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    log = [json.loads(line) for line in (again / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [1, 2]
+
+
+def test_resume_continues_from_the_checkpoint(tiny: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "resumed"
+    shutil.copytree(tiny["run"], run)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny["data"], run, TrainConfig(epochs=3, seed=1, batch_size=32), progress=False)
+    with pytest.raises(ValueError, match="settings the run started with"):
+        train(tiny["data"], run, TrainConfig(epochs=3, seed=1, batch_size=32), resume=True, progress=False)
+
+
+def test_onnx_matches_pytorch_and_takes_any_batch(tiny: dict[str, Path]) -> None:
+    from pouchline.models.bench import _torch_runner, save_weights
+    from pouchline.models.export import score_outputs
+
+    weights = tiny["root"] / "weights.pt"
+    save_weights(tiny["run"], weights)
+    eager = _torch_runner(weights, tiny["model"], threads=2)
+    crops = np.stack([Inferencer(tiny["model"]).pre_process(frame(i))[0] for i in range(16)])
+    for size in (1, 3, 16):
+        onnx_out = score_outputs(tiny["model"], crops[:size])
+        torch_out = eager(crops[:size])
+        for name, value in onnx_out.items():
+            assert value.shape[0] == size
+            np.testing.assert_allclose(value, torch_out[name], rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+def test_metadata_describes_the_file(tiny: dict[str, Path]) -> None:
+    meta = json.loads(metadata_path(tiny["model"]).read_text())
+    assert meta["input"]["width"] == CROP_SIZE[0] and meta["input"]["channels"] == 1
+    assert meta["outputs"] == ["swollen", "deformed"] and meta["precision"] == "fp32"
+    assert set(meta["thresholds"]) == {"swollen", "deformed"}
+    assert len(meta["training"]["data_sha256"]) == 64 and meta["metrics"]["val_auroc"]
+    assert json.loads(metadata_path(tiny["int8"]).read_text())["precision"] == "int8"
+    assert not tiny["model"].with_name(tiny["model"].name + ".data").exists()
+
+
+def test_eval_writes_metrics_and_plots(tiny: dict[str, Path]) -> None:
+    report = tiny["root"] / "report"
+    metrics = evaluate(tiny["model"], tiny["data"], report, split="val", progress=False)
+    for key in ("images", "false_reject_rate", "swelling_mae_mm"):
+        assert key in metrics
+    for key in ("swollen", "deformed"):
+        assert {"recall", "auroc"} <= set(metrics[key])
+    assert "recall_unseen" in metrics["anomaly"]
+    for plot in ("roc.png", "pr.png", "confusion.png", "swelling.png", "worst.png"):
+        assert cv2.imread(str(report / plot)) is not None, plot
+
+
+def test_accuracy_gate_refuses_a_badly_calibrated_int8_model(tiny: dict[str, Path], tmp_path: Path) -> None:
+    grey = tmp_path / "grey" / "ok"
+    grey.mkdir(parents=True)
+    for i in range(4):
+        cv2.imwrite(str(grey / f"{i}.png"), np.full((112, 208), 128, np.uint8))
+    calib = tmp_path / "flat"
+    import_dataset(tmp_path / "grey", calib, progress=False)
+    out = tmp_path / "gate" / "bad.onnx"
+    with pytest.raises(AccuracyGateError, match=r"INT8 loses .* AUROC .*--force"):
+        export(tiny["run"], out, int8=True, calib=calib, progress=False)
+    assert out.exists() and not out.with_name("bad.int8.onnx").exists()
+
+
+def test_bad_model_files_are_named(tiny: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="model file not found"):
+        Inferencer(tmp_path / "missing.onnx")
+    copy = tmp_path / "m.onnx"
+    shutil.copy(tiny["model"], copy)
+    with pytest.raises(ModelError, match="metadata JSON missing"):
+        Inferencer(copy)
+    meta = json.loads(metadata_path(tiny["model"]).read_text())
+    metadata_path(copy).write_text(json.dumps(meta))
+    Inferencer(copy)  # a faithful copy loads
+    copy.write_bytes(copy.read_bytes()[:-100])
+    with pytest.raises(ModelError, match="SHA-256"):
+        Inferencer(copy)
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not an onnx graph")
+    metadata_path(corrupt).write_text(json.dumps({**meta, "sha256": __import__("hashlib").sha256(b"not an onnx graph").hexdigest()}))
+    with pytest.raises(ModelError, match="onnxruntime cannot load it"):
+        Inferencer(corrupt)
+    shutil.copy(tiny["model"], copy)
+    metadata_path(copy).write_text(json.dumps({**meta, "input": {**meta["input"], "width": 224}}))
+    with pytest.raises(ModelError, match="does not match metadata 'input'"):
+        Inferencer(copy)
+    metadata_path(copy).write_text(json.dumps({**meta, "outputs": ["swollen"]}))
+    with pytest.raises(ModelError, match="columns of field 'outputs'"):
+        Inferencer(copy)
+    metadata_path(copy).write_text(json.dumps({**meta, "thresholds": "high"}))
+    with pytest.raises(ModelError, match="field 'thresholds'"):
+        Inferencer(copy)
+
+
+def test_wrong_input_is_refused(tiny: dict[str, Path]) -> None:
+    model = Inferencer(tiny["model"])
+    with pytest.raises(ValueError, match=r"not \(N, 112, 208, 1\) uint8"):
+        model.forward(np.zeros((2, 112, 208, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"not \(N, 112, 208, 1\) uint8"):
+        model.forward(np.zeros((2, 96, 96, 1), np.uint8))
+    with pytest.raises(ValueError, match="not an image"):
+        model.predict([np.zeros((0,), np.uint8)])
+    blank = np.full((480, 640, 3), 50, np.uint8)
+    assert model.predict([blank])[0].status == "no_cell"
+
+
+def test_empty_dataset_is_a_clear_error(tiny: dict[str, Path], tmp_path: Path) -> None:
+    side_only = tmp_path / "side"
+    synthesize(side_only, SynthConfig(count=3, seed=9, views=("side",)), workers=1, progress=False)
+    with pytest.raises(DatasetError, match="no 'top' frames"):
+        evaluate(tiny["model"], side_only, tmp_path / "r", progress=False)
+    with pytest.raises(DatasetError, match="no 'top' frames"):
+        train(side_only, tmp_path / "run", TrainConfig(epochs=1), progress=False)
