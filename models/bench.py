@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pouchline.datasets.domain import load_domain
-from pouchline.datasets.records import SYNTH_CLASSES
+from pouchline.datasets.records import DEFORMATION_KINDS, SYNTH_CLASSES
 from pouchline.datasets.render import render_top
 from pouchline.datasets.scene import sample_scene
 from pouchline.datasets.spec import CellSpec
@@ -47,7 +47,8 @@ def bench_crops(count: int, channels: int) -> Prepared:
         swelling.append(scene.swelling_mm)
     n = len(crops)
     return Prepared(np.stack(crops), np.array(labels, np.float32), np.array(swelling, np.float32),
-                    np.zeros((n, 1, 1), np.float32), np.array(["?"] * n, dtype=object), np.arange(n).astype(object), [])
+                    np.zeros((n, 1, 1), np.float32), np.array(["?"] * n, dtype=object),
+                    np.zeros((n, len(DEFORMATION_KINDS)), np.float32), np.arange(n).astype(object), [])
 
 
 def _latency(run: Callable[[np.ndarray], Any], crop: np.ndarray, repeats: int) -> tuple[float, float]:
@@ -80,7 +81,9 @@ def _torch_runner(weights: Path, model: Path, threads: int) -> Callable[[np.ndar
     state = torch.load(weights, weights_only=True)
     detector = Detector(meta.input.channels, len(meta.outputs))
     detector.load_state_dict(state["detector"])
-    deployed = Deployed(detector, meta.input.mean, meta.input.std, meta.multilabel, state["centre"], state["whitening"]).eval()
+    calibration = (meta.swelling_calibration["scale"], meta.swelling_calibration["offset"])
+    deployed = Deployed(detector, meta.input.mean, meta.input.std, meta.multilabel, state["centre"], state["whitening"],
+                        calibration).eval()
 
     def run(batch: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():

@@ -18,7 +18,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pouchline.datasets.manifest import MANIFEST, DatasetError, DatasetReader
-from pouchline.datasets.records import FrameRecord
+from pouchline.datasets.records import DEFORMATION_KINDS, FrameRecord
 from pouchline.models.locate import CROP_SIZE, Located, fit_crop, locate, warp_to_crop
 
 #: The heat map is the crop at 1/8 resolution.
@@ -34,6 +34,7 @@ class Prepared:
     swelling: np.ndarray  # float32 (N,), NaN where unknown
     heat: np.ndarray  # float32 (N, H/8, W/8): defect share of each heat-map cell, NaN if no truth
     kinds: np.ndarray  # object (N,): worst defect kind, 'ok', or the label for imported data
+    deformations: np.ndarray  # float32 (N, kinds): 1 where the deformation kind is out of spec, NaN if unknown
     ids: np.ndarray  # object (N,): frame ids
     failed: list[str]  # frame ids the cell could not be located in
 
@@ -93,7 +94,11 @@ def _prepare_one(args: tuple[str, str, bool, int, list[str]]) -> tuple | None:
     elif record.ground_truth is not None or "ok" in record.labels:
         heat = np.zeros(heat_size[::-1], np.float32)
     swelling = record.ground_truth.swelling_mm if record.ground_truth is not None else np.nan
-    return crop, labels, np.float32(swelling), heat, _worst_kind(record), record.id
+    if record.ground_truth is not None:
+        deformations = np.array([1.0 if record.severities.get(k, 0.0) > 0 else 0.0 for k in DEFORMATION_KINDS], np.float32)
+    else:
+        deformations = np.full(len(DEFORMATION_KINDS), np.nan, np.float32)
+    return crop, labels, np.float32(swelling), heat, _worst_kind(record), record.id, deformations
 
 
 def prepare(root: Path, split: str | None, *, channels: int, classes: list[str], view: str = "top",
@@ -101,12 +106,12 @@ def prepare(root: Path, split: str | None, *, channels: int, classes: list[str],
     """Crops and targets of a dataset split (all frames of ``view``; all splits if None)."""
     reader = DatasetReader(root)
     aligned = reader.info.aligned_crops
-    key = hashlib.sha256(f"{manifest_hash(root)}:{split}:{channels}:{classes}:{view}:{CROP_SIZE}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"v2:{manifest_hash(root)}:{split}:{channels}:{classes}:{view}:{CROP_SIZE}".encode()).hexdigest()[:16]
     cache = None if cache_dir is None else cache_dir / f"{split or 'all'}-{key}.npz"
     if cache is not None and cache.exists():
         with np.load(cache, allow_pickle=False) as data:
-            return Prepared(data["crops"], data["labels"], data["swelling"], data["heat"],
-                            data["kinds"].astype(object), data["ids"].astype(object), list(data["failed"]))
+            return Prepared(data["crops"], data["labels"], data["swelling"], data["heat"], data["kinds"].astype(object),
+                            data["deformations"], data["ids"].astype(object), list(data["failed"]))
     wanted = "crop" if aligned else view
     records = [r for r in reader.records(split) if r.view == wanted]
     if not records:
@@ -135,12 +140,14 @@ def prepare(root: Path, split: str | None, *, channels: int, classes: list[str],
         swelling=np.array([k[2] for k in kept], np.float32),
         heat=np.stack([k[3] for k in kept]),
         kinds=np.array([k[4] for k in kept], dtype=object),
+        deformations=np.stack([k[6] for k in kept]),
         ids=np.array([k[5] for k in kept], dtype=object),
         failed=failed,
     )
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, crops=prepared.crops, labels=prepared.labels, swelling=prepared.swelling,
-                 heat=prepared.heat, kinds=prepared.kinds.astype(str), ids=prepared.ids.astype(str),
+                 heat=prepared.heat, kinds=prepared.kinds.astype(str), deformations=prepared.deformations,
+                 ids=prepared.ids.astype(str),
                  failed=np.array(failed, dtype=str))
     return prepared

@@ -70,6 +70,8 @@ def compute_metrics(scored: list[Scored], model: Inferencer) -> dict[str, Any]:
         "thresholds": meta.thresholds,
         "anomaly_threshold": meta.anomaly_threshold,
     }
+    if not meta.multilabel:
+        return {**metrics, **_class_metrics(located, meta.outputs)}
     good = [s for s in located if s.record.labels == ["ok"]]
     held_out = set(meta.training.get("held_out_kinds", []))
     for name in meta.outputs:
@@ -113,6 +115,18 @@ def compute_metrics(scored: list[Scored], model: Inferencer) -> dict[str, Any]:
     return metrics
 
 
+def _class_metrics(located: list[Scored], classes: list[str]) -> dict[str, Any]:
+    """Multi-class models (imported datasets): accuracy, and recall and AUROC per class."""
+    truth = np.array([classes.index(s.record.labels[0]) if s.record.labels[0] in classes else -1 for s in located])
+    guess = np.array([classes.index(s.prediction.flagged[0]) for s in located])
+    result: dict[str, Any] = {"accuracy": float((truth == guess).mean()) if len(truth) else float("nan")}
+    for k, name in enumerate(classes):
+        scores = np.array([s.prediction.probs[name] for s in located])
+        result[name] = {"recall": float((guess[truth == k] == k).mean()) if (truth == k).any() else float("nan"),
+                        "auroc": auroc(scores, truth == k), "images": int((truth == k).sum())}
+    return result
+
+
 def _plots(scored: list[Scored], model: Inferencer, reader: DatasetReader, report: Path) -> None:
     import matplotlib
 
@@ -148,10 +162,10 @@ def _plots(scored: list[Scored], model: Inferencer, reader: DatasetReader, repor
         fig.savefig(report / f"{kind}.png", dpi=110)
         plt.close(fig)
 
-    names = ["ok", *meta.outputs]
+    names = ["ok", *meta.outputs] if meta.multilabel else list(meta.outputs)
     matrix = np.zeros((len(names), len(names)), int)
     for s in located:
-        predicted = [n for n in meta.outputs if n in s.prediction.flagged] or ["ok"]
+        predicted = [n for n in meta.outputs if n in s.prediction.flagged] or ["ok"]  # multi-class: the top class
         for truth in s.record.labels:
             for guess in predicted:
                 if truth in names:
@@ -192,7 +206,7 @@ def _error_size(s: Scored, meta: Any) -> float:
     """How wrong a prediction is: the largest probability margin on the wrong side."""
     worst = 0.0
     for name in meta.outputs:
-        p, t = s.prediction.probs[name], meta.thresholds[name]
+        p, t = s.prediction.probs[name], meta.thresholds.get(name, 0.5)
         worst = max(worst, (t - p) if name in s.record.labels else (p - t))
     return worst
 

@@ -50,8 +50,10 @@ def export_fp32(run: Path, out: Path) -> None:
     channels = described["config"]["channels"]
     detector = Detector(channels, len(described["outputs"]))
     detector.load_state_dict(torch.load(run / "detector.pt", weights_only=True))
+    swelling = calibration.get("swelling", {"scale": 1.0, "offset": 0.0})
     deployed = Deployed(detector, described["mean"], described["std"], described["multilabel"],
-                        torch.tensor(calibration["centre"]), torch.tensor(calibration["whitening"])).eval()
+                        torch.tensor(calibration["centre"]), torch.tensor(calibration["whitening"]),
+                        (swelling["scale"], swelling["offset"])).eval()
     example = torch.zeros((2, CROP_SIZE[1], CROP_SIZE[0], channels), dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
@@ -137,6 +139,7 @@ def _metadata(model: Path, precision: str, described: dict[str, Any], calibratio
         target_frr=calibration["target_frr"],
         heatmap_stride=HEAT_STRIDE,
         has_swelling=described["has_swelling"],
+        swelling_calibration=calibration.get("swelling", {"scale": 1.0, "offset": 0.0}),
         nominal_thickness_mm=spec.get("thickness_mm"),
         swelling_limit_mm=(spec["thickness_mm"] * spec["swelling_limit_pct"] / 100.0) if spec else None,
         training={

@@ -27,7 +27,7 @@ class Prediction:
 
     status: Status
     probs: dict[str, float] = field(default_factory=dict)
-    flagged: list[str] = field(default_factory=list)  # outputs over their threshold, plus 'anomaly'
+    flagged: list[str] = field(default_factory=list)  # outputs over threshold (or the top class), plus 'anomaly'
     anomaly: float = float("nan")
     swelling_mm: float = float("nan")
     swelling_pct: float = float("nan")
@@ -89,7 +89,10 @@ class Inferencer:
         """One frame's prediction from row ``row`` of the batch outputs."""
         meta = self.meta
         probs = {name: float(outputs["probs"][row, k]) for k, name in enumerate(meta.outputs)}
-        flagged = [name for name, p in probs.items() if p > meta.thresholds[name]]
+        if meta.multilabel:
+            flagged = [name for name, p in probs.items() if p > meta.thresholds[name]]
+        else:  # classes exclude each other: the most probable one
+            flagged = [max(probs, key=lambda name: probs[name])]
         anomaly = float(outputs["anomaly"][row])
         if anomaly > meta.anomaly_threshold:
             flagged.append("anomaly")

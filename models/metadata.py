@@ -53,11 +53,16 @@ class ModelMetadata(BaseModel):
     input: InputSpec
     outputs: list[str] = Field(min_length=1, description="Names of the `probs` columns.")
     multilabel: bool = Field(description="probs are independent sigmoids (True) or a softmax (False).")
-    thresholds: dict[str, float] = Field(description="Per-output probability above which a cell is flagged.")
+    thresholds: dict[str, float] = Field(
+        description="Per-output probability above which a cell is flagged (multi-label); empty for multi-class models."
+    )
     anomaly_threshold: float = Field(description="Anomaly score above which a cell is flagged as unusual.")
     target_frr: float = Field(description="False-reject rate on good validation cells the thresholds were set at.")
     heatmap_stride: int = Field(gt=0, description="Crop pixels per heat-map cell.")
     has_swelling: bool = Field(description="The swelling_mm output was trained (else meaningless).")
+    swelling_calibration: dict[str, float] = Field(
+        description="Linear correction (scale, offset) fitted on validation, applied inside the graph."
+    )
     nominal_thickness_mm: float | None = Field(None, description="Cell spec's nominal thickness, for swelling %.")
     swelling_limit_mm: float | None = Field(None, description="Spec limit above which a cell is swollen.")
     training: dict[str, Any] = Field(description="Data hash, dataset source, seed, epochs, held-out kinds.")

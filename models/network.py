@@ -8,8 +8,9 @@ A compact CNN, trained from scratch, on the aligned cell crop:
 * a coarse defect heat map from the 1/8-resolution stage;
 * the swelling estimate in mm (the "virtual thickness gauge").
 
-`Deployed` wraps it for ONNX: it takes uint8 NHWC crops, bakes in the normalisation, and
-adds the anomaly score. That score is the Mahalanobis distance of the pooled embedding
+`Deployed` wraps it for ONNX: it takes uint8 NHWC crops, bakes in the normalisation and
+the swelling calibration (a linear correction fitted on validation), and adds the anomaly
+score. That score is the Mahalanobis distance of the pooled embedding
 from the Gaussian of good cells, computed in the graph through the Cholesky factor of the
 precision matrix.
 """
@@ -30,7 +31,8 @@ def _stage(cin: int, cout: int) -> nn.Sequential:
 class Detector(nn.Module):
     """Backbone plus class, heat-map and swelling heads."""
 
-    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (16, 32, 64, 128),
+                 num_kinds: int = 6) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
@@ -43,22 +45,30 @@ class Detector(nn.Module):
         self.embedding_size = 2 * widths[3]
         self.classes = nn.Linear(self.embedding_size + 1, num_classes)
         self.swelling = nn.Sequential(nn.Linear(self.embedding_size, 64), nn.ReLU(inplace=True), nn.Linear(64, 1))
+        # Training-only head: which deformation kinds are present. Naming the kind teaches
+        # features for each one; the deployed graph does not use it.
+        self.kinds = nn.Linear(self.embedding_size + 1, num_kinds)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised NCHW input -> (class logits, heat logits N x h x w, swelling mm, embedding)."""
+        return self.forward_all(x)[:4]
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`forward` plus the training-only deformation-kind logits."""
         mid = self.stage3(self.stage2(self.stem(x)))
         deep = self.stage4(mid)
         heat = self.heat(mid)[:, 0]
         embedding = torch.cat([deep.mean(dim=(2, 3)), deep.amax(dim=(2, 3))], dim=1)
         hottest = heat.amax(dim=(1, 2))[:, None]  # a local defect anywhere is evidence by itself
-        return self.classes(torch.cat([embedding, hottest], dim=1)), heat, self.swelling(embedding)[:, 0], embedding
+        features = torch.cat([embedding, hottest], dim=1)
+        return self.classes(features), heat, self.swelling(embedding)[:, 0], embedding, self.kinds(features)
 
 
 class Deployed(nn.Module):
     """What the ONNX file computes: uint8 NHWC crops in, probabilities and scores out."""
 
     def __init__(self, detector: Detector, mean: float, std: float, multilabel: bool,
-                 centre: torch.Tensor, whitening: torch.Tensor) -> None:
+                 centre: torch.Tensor, whitening: torch.Tensor, swelling: tuple[float, float] = (1.0, 0.0)) -> None:
         super().__init__()
         self.detector = detector
         self.multilabel = multilabel
@@ -66,6 +76,8 @@ class Deployed(nn.Module):
         self.register_buffer("scale", torch.tensor(1.0 / std, dtype=torch.float32))
         self.register_buffer("centre", centre.to(torch.float32))
         self.register_buffer("whitening", whitening.to(torch.float32))
+        self.register_buffer("swelling_scale", torch.tensor(swelling[0], dtype=torch.float32))
+        self.register_buffer("swelling_offset", torch.tensor(swelling[1], dtype=torch.float32))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x = (image.permute(0, 3, 1, 2).to(torch.float32) - self.mean) * self.scale
@@ -73,4 +85,5 @@ class Deployed(nn.Module):
         probs = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
         white = (embedding - self.centre) @ self.whitening
         anomaly = torch.sqrt((white * white).sum(dim=1))
-        return probs, torch.sigmoid(heat), torch.relu(swelling), anomaly
+        swelling_mm = torch.relu(swelling * self.swelling_scale + self.swelling_offset)
+        return probs, torch.sigmoid(heat), swelling_mm, anomaly

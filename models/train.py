@@ -159,8 +159,8 @@ class Trainer:
         return ((batch - self.mean) / self.std).permute(0, 3, 1, 2).contiguous()
 
     def _loss(self, outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, heat: torch.Tensor,
-              swelling: torch.Tensor) -> torch.Tensor:
-        logits, heat_logits, swelling_mm, _ = outputs
+              swelling: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        logits, heat_logits, swelling_mm, _, kind_logits = outputs
         if self.multilabel:
             loss = nn.functional.binary_cross_entropy_with_logits(logits, targets)
         else:
@@ -170,6 +170,9 @@ class Trainer:
             loss = loss + self.config.heat_weight * nn.functional.binary_cross_entropy_with_logits(
                 heat_logits[known_heat], heat[known_heat]
             )
+        known_kinds = torch.isfinite(kinds)
+        if known_kinds.any():
+            loss = loss + 0.5 * nn.functional.binary_cross_entropy_with_logits(kind_logits[known_kinds], kinds[known_kinds])
         known = torch.isfinite(swelling)
         if known.any() and self.config.swelling_weight > 0:
             loss = loss + self.config.swelling_weight * nn.functional.smooth_l1_loss(
@@ -195,8 +198,9 @@ class Trainer:
                     crops, heat = _augment(torch.as_tensor(self.train_set.crops[rows], dtype=torch.float32),
                                            torch.as_tensor(self.train_set.heat[rows]), generator)
                     x = ((crops - self.mean) / self.std).permute(0, 3, 1, 2).contiguous()
-                    loss = self._loss(self.model(x), torch.as_tensor(targets[rows]), heat,
-                                      torch.as_tensor(self.train_set.swelling[rows]))
+                    loss = self._loss(self.model.forward_all(x), torch.as_tensor(targets[rows]), heat,
+                                      torch.as_tensor(self.train_set.swelling[rows]),
+                                      torch.as_tensor(self.train_set.deformations[rows]))
                     self.optimiser.zero_grad()
                     loss.backward()
                     self.optimiser.step()
@@ -251,32 +255,56 @@ class Trainer:
         good_val = self._good(self.val_set)
         if good_val.sum() < 10:
             raise DatasetError(self.data, f"validation split has only {int(good_val.sum())} good frames; thresholds need more")
-        frr_each = self.config.target_frr / len(self.outputs) if self.multilabel else self.config.target_frr
-        thresholds = {name: threshold_at_frr(predicted["probs"][good_val, k], frr_each) for k, name in enumerate(self.outputs)}
         calibration = {
-            "centre": centre.tolist(), "whitening": whitening.tolist(), "thresholds": thresholds,
+            "centre": centre.tolist(), "whitening": whitening.tolist(), "thresholds": self._thresholds(predicted, good_val),
             "anomaly_threshold": threshold_at_frr(anomaly[good_val], self.config.target_frr),
             "target_frr": self.config.target_frr, "calibrated_on": int(good_val.sum()),
+            "swelling": self._swelling_calibration(predicted["swelling"]),
         }
         (self.run / "calibration.json").write_text(json.dumps(calibration))
         torch.save(self.model.state_dict(), self.run / "detector.pt")
-        metrics = {"epochs": self.epoch, **(self.history[-1] if self.history else {}), **self._decisions(predicted, thresholds)}
+        metrics = {"epochs": self.epoch, **(self.history[-1] if self.history else {}),
+                   **self._decisions(predicted, calibration["thresholds"])}
         (self.run / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
 
     def _good(self, prepared: Prepared) -> np.ndarray:
+        """Frames the false-reject rate is counted on: 'ok' ones (all frames without an 'ok' class)."""
         if self.multilabel:
             return prepared.labels[:, self.info.classes.index("ok")] > 0.5
         return np.ones(len(prepared), bool)
 
+    def _thresholds(self, predicted: dict[str, np.ndarray], good: np.ndarray) -> dict[str, float]:
+        """Per-defect thresholds whose union flags at most the target share of good cells.
+
+        Multi-class models decide by the most probable class and need none.
+        """
+        if not self.multilabel:
+            return {}
+        each = self.config.target_frr / len(self.outputs)
+        return {name: threshold_at_frr(predicted["probs"][good, k], each) for k, name in enumerate(self.outputs)}
+
+    def _swelling_calibration(self, predicted: np.ndarray) -> dict[str, float]:
+        """Linear correction (scale, offset) of the swelling estimate, fitted on validation."""
+        known = np.isfinite(self.val_set.swelling)
+        if not self.has_swelling or known.sum() < 10:
+            return {"scale": 1.0, "offset": 0.0}
+        scale, offset = np.polyfit(predicted[known], self.val_set.swelling[known], 1)
+        return {"scale": float(scale), "offset": float(offset)}
+
     def _decisions(self, predicted: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict[str, float]:
+        """Validation recall per output at the thresholds (multi-class: accuracy and per-class recall)."""
         targets = _targets(self.val_set, self.info.classes, self.outputs)
+        if not self.multilabel:
+            truth, guess = targets.argmax(axis=1), predicted["probs"].argmax(axis=1)
+            result = {"val_accuracy": float((truth == guess).mean())}
+            for k, name in enumerate(self.outputs):
+                result[f"val_{name}_recall"] = float((guess[truth == k] == k).mean()) if (truth == k).any() else float("nan")
+            return result
         flags = np.stack([predicted["probs"][:, k] > thresholds[name] for k, name in enumerate(self.outputs)], axis=1)
         result = {f"val_{name}_recall": recall(predicted["probs"][targets[:, k] > 0.5, k], thresholds[name])
                   for k, name in enumerate(self.outputs)}
-        good = self._good(self.val_set)
-        if self.multilabel:
-            result["val_false_reject_rate"] = float(flags[good].any(axis=1).mean())
+        result["val_false_reject_rate"] = float(flags[self._good(self.val_set)].any(axis=1).mean())
         return result
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -202,3 +203,28 @@ def test_empty_dataset_is_a_clear_error(tiny: dict[str, Path], tmp_path: Path) -
         evaluate(tiny["model"], side_only, tmp_path / "r", progress=False)
     with pytest.raises(DatasetError, match="no 'top' frames"):
         train(side_only, tmp_path / "run", TrainConfig(epochs=1), progress=False)
+
+
+def test_imported_crops_with_their_own_classes(tmp_path: Path) -> None:
+    """Aligned crops from another system (grayscale PNG and colour JPEG), three classes."""
+    source = tmp_path / "crops"
+    kinds = {"good": dict(swelling_mm=0.0), "puffy": dict(swelling_mm=2.8)}
+    for name, change in kinds.items():
+        (source / name).mkdir(parents=True)
+        for index in range(100):
+            scene = sample_scene(11, index, spec=SPEC, domain=DOMAIN, defect_rate=0.0)
+            crop = locate(render_top(replace(scene, deformations=(), **change)).image).crop
+            if index % 2:
+                cv2.imwrite(str(source / name / f"{index}.png"), cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY))
+            else:
+                cv2.imwrite(str(source / name / f"{index}.jpg"), crop)
+    data = tmp_path / "imported"
+    import_dataset(source, data, progress=False)
+    metrics = train(data, tmp_path / "run", TrainConfig(epochs=3, seed=0, batch_size=16), progress=False)
+    assert {"val_accuracy", "val_good_recall", "val_puffy_recall"} <= set(metrics)
+    model = tmp_path / "imported.onnx"
+    export(tmp_path / "run", model, progress=False)
+    result = evaluate(model, data, tmp_path / "report", progress=False)
+    assert result["images"] == 200 and 0.0 <= result["accuracy"] <= 1.0
+    assert {"recall", "auroc"} <= set(result["puffy"])
+    assert json.loads(metadata_path(model).read_text())["input"]["aligned_crops"] is True
