@@ -149,6 +149,24 @@ def validate(
 
 
 @app.command()
-def record() -> None:
-    """Record a live station stream into a dataset (not built yet: issue #4)."""
-    raise fail("`dataset record` is not built yet (issue #4: camera stations and the ZeroMQ transport)")
+def record(
+    connect: Annotated[list[str], typer.Option(help="Station endpoint, e.g. tcp://10.0.0.5:5555 (repeat for several).")],
+    out: Annotated[Path, typer.Option(help="Dataset folder (created, or appended to).")],
+    count: Annotated[int | None, typer.Option(min=1, help="Stop after this many frames.")] = None,
+    duration: Annotated[float | None, typer.Option(min=0.1, help="Stop after this many seconds.")] = None,
+    idle: Annotated[float | None, typer.Option(min=0.1, help="Stop after this many seconds without a frame.")] = None,
+    secret_key: Annotated[Path | None, typer.Option(help="CurveZMQ: this recorder's .key_secret.")] = None,
+    server_key: Annotated[Path | None, typer.Option(help="CurveZMQ: the station's public .key.")] = None,
+) -> None:
+    """Record a live station stream into the dataset format (crash-safe append; Ctrl-C stops)."""
+    from pouchline.datasets.record import record as run_record
+    from pouchline.station.curve import CurveClientConfig
+
+    if (secret_key is None) != (server_key is None):
+        raise fail("CurveZMQ needs both --secret-key and --server-key")
+    curve = CurveClientConfig(secret_key=secret_key, server_key=server_key) if secret_key and server_key else None
+    try:
+        result = run_record(connect, out, count=count, duration_s=duration, idle_s=idle, curve=curve)
+    except (DatasetError, ValueError, OSError) as exc:
+        raise fail(str(exc)) from exc
+    console.print(f"recorded {result.frames} frames into {out} in {result.seconds:.1f} s; counts {json.dumps(result.counts)}")

@@ -367,6 +367,10 @@ class DatasetWriter:
         """Records in the manifest, including those there before this writer opened it."""
         return len(self._ids)
 
+    def __contains__(self, ident: object) -> bool:
+        """Whether a record with this id is already in the manifest (resume, redelivery)."""
+        return ident in self._ids
+
     def add(
         self,
         *,

@@ -13,6 +13,7 @@ from pouchline.datasets.cli import app as dataset_app
 from pouchline.datasets.cli import fail
 from pouchline.models.cli import app as model_app
 from pouchline.models.metadata import ModelError
+from pouchline.station.cli import app as station_app
 
 app = typer.Typer(
     name="pouchline",
@@ -68,6 +69,27 @@ def bench_synth(
         console.print(f"wrote {json_path}")
 
 
+@bench_app.command("transport")
+def bench_transport(
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")] = None,
+    frames: Annotated[int, typer.Option(min=20, help="JPEG frames per saturation case.")] = 400,
+    raw_frames: Annotated[int, typer.Option(min=10, help="Raw frames per saturation case.")] = 150,
+    rate: Annotated[float, typer.Option(min=1, help="Offered frames/s in the paced (latency) cases.")] = 60.0,
+) -> None:
+    """pouchline vs imagezmq REQ/REP and PUB/SUB on 1080p JPEG and raw (ratio `fps_vs_imagezmq_reqrep_jpeg`)."""
+    try:
+        import imagezmq  # noqa: F401
+    except ImportError as exc:
+        raise fail("bench transport compares against imagezmq: pip install 'pouchline[bench]'") from exc
+    from pouchline.station.bench import run
+
+    report = run(frames=frames, raw_frames=raw_frames, rate=rate)
+    report.print(console)
+    if json_path is not None:
+        report.save(json_path)
+        console.print(f"wrote {json_path}")
+
+
 _SHIPPED = Path(__file__).resolve().parent.parent / "models" / "pouchline-detector"
 
 
@@ -97,14 +119,13 @@ def bench_model(
 
 
 for _name, _issue, _what in (
-    ("transport", 4, "ZeroMQ transport against imagezmq"),
     ("pipeline", 5, "stations -> transport -> workers -> verdicts"),
 ):
     bench_app.add_typer(_not_built(f"bench {_name}", _issue, _what), name=_name)
 
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(model_app, name="model")
-app.add_typer(_not_built("station", 4, "camera stations and the ZeroMQ frame transport"), name="station")
+app.add_typer(station_app, name="station")
 app.add_typer(_not_built("inspect", 5, "inspection workers running the ONNX detector"), name="inspect")
 app.add_typer(_not_built("controller", 6, "line controller and QA review in the browser"), name="controller")
 app.add_typer(bench_app, name="bench")

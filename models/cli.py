@@ -99,7 +99,7 @@ def reproduce(
     work: Annotated[Path, typer.Option(help="Working folder: datasets, training run, evaluation reports.")] = Path(
         "runs/reproduce"
     ),
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 24,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 30,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     scale: Annotated[float, typer.Option(min=0.001, max=1.0, help="Shrink the datasets (quick pipeline check).")] = 1.0,
 ) -> None:

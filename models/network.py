@@ -17,6 +17,8 @@ precision matrix.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -64,24 +66,46 @@ class Detector(nn.Module):
         return self.classes(features), heat, self.swelling(embedding)[:, 0], embedding, self.kinds(features)
 
 
+class _FoldedStem(nn.Module):
+    """The stem convolution with its batch norm *and the input normalisation* folded in.
+
+    Raw pixel values go in and the stem's output comes out unchanged: padding with the mean
+    reproduces the zero padding of the normalised input exactly. Without this the graph
+    starts with an element-wise subtract and multiply over the whole image, which onnxruntime
+    runs slowly next to quantised convolutions.
+    """
+
+    def __init__(self, stem: nn.Sequential, mean: float, scale: float) -> None:
+        super().__init__()
+        conv, norm = stem[0], stem[1]
+        gain = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        weight = conv.weight * gain[:, None, None, None] * scale
+        bias = norm.bias - norm.running_mean * gain - mean * weight.sum(dim=(1, 2, 3))
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", bias.detach().clone())
+        self.mean, self.stride, self.padding = float(mean), conv.stride, conv.padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = nn.functional.pad(x, (self.padding[1],) * 2 + (self.padding[0],) * 2, value=self.mean)
+        return torch.relu(nn.functional.conv2d(padded, self.weight, self.bias, stride=self.stride))
+
+
 class Deployed(nn.Module):
     """What the ONNX file computes: uint8 NHWC crops in, probabilities and scores out."""
 
     def __init__(self, detector: Detector, mean: float, std: float, multilabel: bool,
                  centre: torch.Tensor, whitening: torch.Tensor, swelling: tuple[float, float] = (1.0, 0.0)) -> None:
         super().__init__()
-        self.detector = detector
+        self.detector = copy.deepcopy(detector).eval()
+        self.detector.stem = _FoldedStem(detector.stem, mean, 1.0 / std)
         self.multilabel = multilabel
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("scale", torch.tensor(1.0 / std, dtype=torch.float32))
         self.register_buffer("centre", centre.to(torch.float32))
         self.register_buffer("whitening", whitening.to(torch.float32))
         self.register_buffer("swelling_scale", torch.tensor(swelling[0], dtype=torch.float32))
         self.register_buffer("swelling_offset", torch.tensor(swelling[1], dtype=torch.float32))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = (image.permute(0, 3, 1, 2).to(torch.float32) - self.mean) * self.scale
-        logits, heat, swelling, embedding = self.detector(x)
+        logits, heat, swelling, embedding = self.detector(image.permute(0, 3, 1, 2).to(torch.float32))
         probs = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
         white = (embedding - self.centre) @ self.whitening
         anomaly = torch.sqrt((white * white).sum(dim=1))

@@ -46,7 +46,7 @@ def _synth(work: Path, name: str, scale: float) -> Path:
     return out
 
 
-def reproduce(out_dir: Path, work: Path, *, epochs: int = 24, seed: int = 0, scale: float = 1.0) -> dict[str, Any]:
+def reproduce(out_dir: Path, work: Path, *, epochs: int = 30, seed: int = 0, scale: float = 1.0) -> dict[str, Any]:
     """Run every step; ``scale`` shrinks the datasets (for a quick check of the pipeline)."""
     from pouchline.models.bench import save_weights
     from pouchline.models.evaluate import evaluate
@@ -59,9 +59,10 @@ def reproduce(out_dir: Path, work: Path, *, epochs: int = 24, seed: int = 0, sca
     run = work / "run"
     if run.exists() and not (run / "checkpoint.pt").exists():
         shutil.rmtree(run)
-    train_started = time.perf_counter()
     train(data["train"], run, TrainConfig(epochs=epochs, seed=seed), resume=(run / "checkpoint.pt").exists())
-    train_minutes = (time.perf_counter() - train_started) / 60
+    # From the training log, so a resumed run still reports the time its epochs took.
+    log_lines = (run / "train_log.jsonl").read_text().splitlines()
+    train_minutes = sum(json.loads(line)["seconds"] for line in log_lines if line.strip()) / 60
     model = out_dir / f"{MODEL_NAME}.onnx"
     exported = export(run, model, int8=True, calib=data["train"])
     save_weights(run, out_dir / f"{MODEL_NAME}.pt")
@@ -153,8 +154,9 @@ INT8 against FP32, AUROC loss on the validation split: {json.dumps({k: round(v, 
 ## Intended use and limits
 
 The model is trained on synthetic cells only. **Fine-tune it on recorded line data before
-production.** Record cells with `pouchline dataset record`, label them in the QA review
-UI, then run `pouchline model train --data ... --resume`-style fine-tuning. Two
+production.** Record and label cells from the line (`pouchline dataset record`, or
+`pouchline dataset import` for crops from another system) and train on them with
+`pouchline model train`. Two
 assumptions must hold on the line: a top camera at roughly 4 px/mm, and a belt that
 contrasts with the film's outline. Swollen recall is specified for swelling of at least
 0.5 mm. Cells between the 0.25 mm spec limit and 0.5 mm are caught less reliably; the side

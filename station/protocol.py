@@ -1,0 +1,427 @@
+"""Wire protocol between camera stations and inspection workers: ZeroMQ multipart messages.
+
+A frame is ``[FRAME_MAGIC, msgpack(header), payload]`` -- the image bytes travel as their own
+part, so neither side copies or re-encodes them. A control message is
+``[CONTROL_MAGIC, msgpack(body)]``. `station/PROTOCOL.md` documents every field.
+
+Messages cross process and machine boundaries, so `decode` trusts nothing: sizes are checked
+before anything is unpacked, msgpack is decoded without extension types, every field is
+validated strictly (a typo or a stray type is an error, never coerced or ignored) and the
+payload must match its header. Every failure is a `ProtocolError` whose ``kind`` is a stable
+counter key, so a receiver counts malformed messages with `RejectCounter` and carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import reprlib
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import cv2
+import msgpack
+import numpy as np
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from pouchline.datasets.records import GroundTruth, check_identifier
+from pouchline.station.imageinfo import image_header
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+FRAME_MAGIC = b"PLF1"
+CONTROL_MAGIC = b"PLC1"
+
+#: Every `ProtocolError.kind`; stable, because status pages and alarms count by them.
+PROTOCOL_ERROR_KINDS: tuple[str, ...] = (
+    "parts",
+    "magic",
+    "header_too_large",
+    "header_undecodable",
+    "header_invalid",
+    "payload_too_large",
+    "payload_mismatch",
+    "payload_undecodable",
+    "control_too_large",
+    "control_undecodable",
+    "control_invalid",
+    "unexpected",  # well-formed, but not a message this receiver accepts (raised by the transport)
+)
+
+_INT64_MAX = 2**63 - 1  # keeps counters and clocks representable downstream (numpy, databases)
+
+#: Wire models are strict: a station that sends ``"1080"`` for a width has a bug worth seeing.
+_WIRE = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class ProtocolError(Exception):
+    """A message that must be refused; ``kind`` is its counter key, ``str()`` the details."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        if kind not in PROTOCOL_ERROR_KINDS:
+            raise ValueError(f"unknown protocol error kind {kind!r}; known: {', '.join(PROTOCOL_ERROR_KINDS)}")
+        super().__init__(kind, message)  # both in args, so the error survives copy and pickle
+        self.kind = kind
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _identifier(value: str, info: ValidationInfo) -> str:
+    return check_identifier(value, info.field_name or "identifier")
+
+
+#: Station, camera, lot, cell and view ids end up in file names and topics (see check_identifier).
+Identifier = Annotated[str, AfterValidator(_identifier)]
+Session = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+#: msgpack has no tuple: a key arrives as a 3-element array.
+Key = Annotated[
+    tuple[Identifier, Identifier, Annotated[int, Field(ge=0, le=_INT64_MAX)]],
+    BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value),
+]
+
+
+class FrameTruth(BaseModel):
+    """What a synthetic or replay source knows about the frame; lets workers score themselves live."""
+
+    model_config = _WIRE
+
+    labels: list[Identifier] = Field(min_length=1, description="Class labels of the cell, as in FrameRecord.")
+    severities: dict[Identifier, Annotated[float, Field(ge=0)]] = Field(
+        description="Per-kind defect severity in mm; 0 when the kind is within spec."
+    )
+    ground_truth: GroundTruth | None = Field(description="Exact renderer truth (synthetic sources only).")
+
+
+class FrameHeader(BaseModel):
+    """Everything a worker needs to know about one captured view, besides its pixels."""
+
+    model_config = _WIRE
+
+    v: Literal[1] = Field(description="Protocol version; a receiver refuses versions it does not speak.")
+    station: Identifier = Field(description="Station that captured the frame.")
+    camera: Identifier = Field(description="Camera within the station.")
+    lot: Identifier = Field(description="Production lot of the cell.")
+    cell: Identifier = Field(description="Cell id; every view of one cell carries the same one.")
+    view: Identifier = Field(description="Which view of the cell this frame is (top, side, ...).")
+    views: int = Field(ge=1, le=16, description="How many views this cell has: the worker waits for all of them.")
+    seq: int = Field(ge=0, le=_INT64_MAX, description="Per-camera sequence number; (station, camera, seq) is unique.")
+    t_mono_ns: int = Field(
+        ge=0, le=_INT64_MAX, description="Capture time on the station's monotonic clock (comparable on its host only)."
+    )
+    t_wall: float = Field(ge=0, description="Capture time, seconds since the Unix epoch.")
+    exposure: float | None = Field(
+        gt=0, description="Exposure setting in the camera's units (V4L2: 100 µs steps), if known; metadata only."
+    )
+    gain: float | None = Field(description="Sensor gain in the camera's own units, if known; metadata only.")
+    trigger: Literal["source", "external", "presence"] = Field(
+        description="What made this a cell: the source itself, a PLC/HTTP trigger, or presence detection."
+    )
+    encoding: Literal["jpeg", "png", "raw"] = Field(description="How the payload encodes the image.")
+    width: int = Field(ge=1, le=16384, description="Image width in pixels.")
+    height: int = Field(ge=1, le=16384, description="Image height in pixels.")
+    channels: Literal[1, 3] = Field(description="1 for grayscale, 3 for BGR colour.")
+    dtype: Literal["uint8", "uint16"] = Field(description="Sample type; uint16 only for raw (little-endian).")
+    nbytes: int = Field(ge=0, description="Payload length in bytes (0 for a dropped frame).")
+    dropped: Identifier | None = Field(
+        description="Why the station dropped the frame (e.g. 'queue_full'); the payload is then empty and the "
+        "cell becomes a fail-safe reject downstream."
+    )
+    truth: FrameTruth | None = Field(description="Ground truth attached by synthetic/replay sources.")
+
+    @model_validator(mode="after")
+    def _encoded_images_are_8_bit(self) -> FrameHeader:
+        if self.encoding != "raw" and self.dtype != "uint8":
+            raise ValueError(f"dtype {self.dtype!r}: {self.encoding} payloads are uint8")
+        return self
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """Unique frame key: what a worker's ``done`` hands back."""
+        return (self.station, self.camera, self.seq)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the decoded image: (H, W) for grayscale, (H, W, C) for colour."""
+        return (self.height, self.width) if self.channels == 1 else (self.height, self.width, self.channels)
+
+
+def _wire_dtype(header: FrameHeader) -> np.dtype[Any]:
+    """Raw uint16 samples are little-endian on the wire, whatever the hosts are."""
+    return np.dtype(header.dtype).newbyteorder("<")
+
+
+def _payload_problem(header: FrameHeader, payload: memoryview) -> str | None:
+    """Why ``payload`` cannot belong to ``header`` (None if it can); shared by sender and receiver.
+
+    Encoded images must state the header's size in their own header, so a few-kB payload can
+    never make a worker decode (allocate) an image larger than the frame header allows.
+    """
+    size = len(payload)
+    if header.nbytes != size:
+        return f"header nbytes {header.nbytes} but the payload has {size} bytes"
+    if header.dropped is not None:
+        return None if size == 0 else f"dropped frame ({header.dropped}) must have an empty payload, has {size} bytes"
+    if size == 0:
+        return "payload is empty but the frame is not marked dropped"
+    if header.encoding == "raw":
+        expected = header.width * header.height * header.channels * _wire_dtype(header).itemsize
+        if size != expected:
+            return (f"raw {header.width}x{header.height}x{header.channels} {header.dtype} needs {expected} bytes, "
+                    f"payload has {size}")
+        return None
+    try:
+        stated = image_header(payload)
+    except ValueError as error:
+        return f"{header.encoding} payload: {error} (starts with {bytes(payload[:8]).hex(' ')})"
+    if stated.encoding != header.encoding:
+        return f"header says {header.encoding} but the payload is a {stated.encoding} image"
+    if (stated.width, stated.height) != (header.width, header.height):
+        return f"{header.encoding} payload is {stated.width}x{stated.height}, header says {header.width}x{header.height}"
+    return None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A decoded frame message; ``payload`` is a view of the received buffer, not a copy."""
+
+    header: FrameHeader
+    payload: memoryview
+
+    def image(self) -> np.ndarray:
+        """The pixels, exactly ``header.shape`` and ``header.dtype``, so workers need no checks of their own.
+
+        An alpha channel (PNG) is dropped. Raw frames are a view of the message buffer (read-only
+        when the buffer is): copy before drawing on them.
+        """
+        header = self.header
+        what = f"frame {header.key} ({header.encoding}, {len(self.payload)} bytes)"
+        if header.dropped is not None:
+            raise ProtocolError("payload_undecodable", f"{what} was dropped by the station ({header.dropped})")
+        try:
+            if header.encoding == "raw":
+                return np.frombuffer(self.payload, _wire_dtype(header)).reshape(header.shape)
+            image = cv2.imdecode(np.frombuffer(self.payload, np.uint8), cv2.IMREAD_UNCHANGED)
+        except (cv2.error, ValueError) as error:
+            raise ProtocolError("payload_undecodable", f"{what} cannot be decoded: {error}") from error
+        if image is None:
+            raise ProtocolError("payload_undecodable", f"{what} cannot be decoded")
+        if image.ndim == 3 and image.shape[2] == 4:  # alpha: counted as grey(+alpha) 1, colour(+alpha) 3, as in records
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY if header.channels == 1 else cv2.COLOR_BGRA2BGR)
+        if image.shape != header.shape or image.dtype != header.dtype:
+            raise ProtocolError("payload_mismatch", f"{what} decodes to {image.shape} {image.dtype}, "
+                                                    f"header says {header.shape} {header.dtype}")
+        return image
+
+
+class Hello(BaseModel):
+    """A worker (re)joins a station; a new session tells the station that what it held is lost."""
+
+    model_config = _WIRE
+
+    type: Literal["hello"] = Field("hello", description="Message type.")
+    worker: Identifier = Field(description="Worker name, stable across restarts.")
+    session: Session = Field(description="Random per worker process; changes when the worker restarts.")
+    capacity: int = Field(ge=1, le=1024, description="Frames the worker may hold at once (its credit).")
+
+
+class Heartbeat(BaseModel):
+    """Liveness, both ways; a station's new session tells its workers to say hello again."""
+
+    model_config = _WIRE
+
+    type: Literal["heartbeat"] = Field("heartbeat", description="Message type.")
+    sender: Identifier = Field(description="Worker or station name.")
+    session: Session = Field(description="The sender's session (see Hello).")
+    busy: int = Field(ge=0, description="Frames the sender holds now (0 from a station).")
+    capacity: int = Field(ge=0, le=1024, description="The sender's credit (0 from a station).")
+
+
+class Done(BaseModel):
+    """A worker is finished with frames: their credit goes back to the station."""
+
+    model_config = _WIRE
+
+    type: Literal["done"] = Field("done", description="Message type.")
+    keys: list[Key] = Field(min_length=1, max_length=1024, description="(station, camera, seq) of each frame.")
+
+
+class Trigger(BaseModel):
+    """A cell arrived at the station (from the PLC); the next views belong to it."""
+
+    model_config = _WIRE
+
+    type: Literal["trigger"] = Field("trigger", description="Message type.")
+    lot: Identifier = Field(description="Production lot of the cell.")
+    cell: Identifier | None = Field(description="Cell id; None lets the station number cells itself.")
+    station: Identifier | None = Field(description="Addressed station; None for any station listening.")
+
+
+Control = Annotated[Hello | Heartbeat | Done | Trigger, Field(discriminator="type")]
+_CONTROL: TypeAdapter[Control] = TypeAdapter(Control)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Largest parts a receiver looks at; checked before any byte is unpacked."""
+
+    max_header_bytes: int = 64 * 1024
+    max_payload_bytes: int = 64 * 1024 * 1024
+    max_control_bytes: int = 256 * 1024
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def _pack(model: BaseModel, limit: int, what: str) -> bytes:
+    data = msgpack.packb(model.model_dump(), use_bin_type=True)
+    if len(data) > limit:
+        raise ValueError(f"{what} is {len(data)} bytes, receivers refuse more than {limit}")
+    return data
+
+
+def _byte_view(header: FrameHeader, payload: bytes | memoryview | np.ndarray) -> memoryview:
+    """The payload as flat bytes without a copy; an array must be exactly the image the header describes."""
+    if isinstance(payload, np.ndarray):
+        if header.encoding == "raw" and (payload.shape != header.shape or payload.dtype != _wire_dtype(header)):
+            raise ValueError(f"raw array {payload.shape} {payload.dtype} does not match header "
+                             f"{header.shape} {header.dtype} (little-endian)")
+        if not payload.flags.c_contiguous:
+            raise ValueError("array payload is not C-contiguous (np.ascontiguousarray it; frames go out uncopied)")
+    return memoryview(payload).cast("B")
+
+
+def encode_frame(header: FrameHeader, payload: bytes | memoryview | np.ndarray, *,
+                 limits: Limits = DEFAULT_LIMITS) -> list[bytes | memoryview]:
+    """``[FRAME_MAGIC, header, payload]``; refuses (ValueError) what a receiver would refuse."""
+    view = _byte_view(header, payload)
+    problem = _payload_problem(header, view)
+    if problem is not None:
+        raise ValueError(f"frame {header.key}: {problem}")
+    if len(view) > limits.max_payload_bytes:
+        raise ValueError(f"frame {header.key}: payload is {len(view)} bytes, receivers refuse more than "
+                         f"{limits.max_payload_bytes}")
+    return [FRAME_MAGIC, _pack(header, limits.max_header_bytes, f"frame {header.key} header"), view]
+
+
+def encode_control(message: Control, *, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
+    """``[CONTROL_MAGIC, body]``."""
+    return [CONTROL_MAGIC, _pack(message, limits.max_control_bytes, f"{message.type} message")]
+
+
+def _as_bytes(part: object, index: int) -> memoryview:
+    """A flat byte view of one received part (zmq.Frame, bytes, bytearray, memoryview) without copying."""
+    try:
+        return memoryview(getattr(part, "buffer", part)).cast("B")  # type: ignore[arg-type]
+    except (TypeError, ValueError) as error:
+        raise ProtocolError("parts", f"part {index} is a {type(part).__name__}, not a byte buffer ({error})") from error
+
+
+def _check_size(data: memoryview, limit: int, kind: str, what: str) -> None:
+    if len(data) > limit:
+        raise ProtocolError(kind, f"{what} is {len(data)} bytes, the limit is {limit}")
+
+
+def _unpack(data: memoryview, limit: int, kind: str, what: str) -> object:
+    """Safe msgpack: no extension types (timestamps included), no container larger than the part."""
+
+    def refuse_extension(code: int, _data: bytes) -> object:
+        raise ValueError(f"msgpack extension type {code} is not allowed")
+
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, ext_hook=refuse_extension,
+                               max_str_len=limit, max_bin_len=limit, max_array_len=limit, max_map_len=limit,
+                               max_ext_len=0)
+    except Exception as error:  # msgpack raises a zoo of types (ExtraData, FormatError, StackError, Unicode...)
+        detail = str(error) or type(error).__name__
+        raise ProtocolError(kind, f"{what} is not valid msgpack: {detail}") from error
+
+
+def _describe(error: ValidationError, most: int = 5) -> str:
+    """Field by field, briefly: which field, what is wrong, what was sent."""
+    problems = []
+    for item in error.errors()[:most]:
+        where = ".".join(str(part) for part in item["loc"]) or "message"
+        text = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
+        sent = "" if item["type"] == "missing" else f" (got {reprlib.repr(item['input'])})"
+        problems.append(f"{where}: {text}{sent}")
+    more = error.error_count() - most
+    return "; ".join(problems) + (f"; and {more} more" if more > 0 else "")
+
+
+def decode(parts: Sequence[object], limits: Limits = DEFAULT_LIMITS) -> Frame | Control:
+    """A validated `Frame` or control message from received parts; anything else is a `ProtocolError`."""
+    try:
+        views = [_as_bytes(part, index) for index, part in enumerate(parts)]
+    except TypeError as error:
+        raise ProtocolError("parts", f"message is a {type(parts).__name__}, not a list of parts") from error
+    if len(views) not in (2, 3):
+        raise ProtocolError("parts", f"message has {len(views)} parts; frames have 3, control messages 2")
+    magic, expected = (FRAME_MAGIC, "frame") if len(views) == 3 else (CONTROL_MAGIC, "control message")
+    if views[0] != magic:
+        if views[0] in (FRAME_MAGIC, CONTROL_MAGIC):
+            raise ProtocolError("parts", f"message with magic {bytes(views[0])!r} has {len(views)} parts")
+        raise ProtocolError("magic", f"first part {bytes(views[0][:16])!r} is not the {expected} magic {magic!r}")
+    if len(views) == 2:
+        _check_size(views[1], limits.max_control_bytes, "control_too_large", "control body")
+        body = _unpack(views[1], limits.max_control_bytes, "control_undecodable", "control body")
+        try:
+            return _CONTROL.validate_python(body)
+        except ValidationError as error:
+            raise ProtocolError("control_invalid", f"control message: {_describe(error)}") from error
+    payload = views[2]
+    _check_size(views[1], limits.max_header_bytes, "header_too_large", "frame header")
+    _check_size(payload, limits.max_payload_bytes, "payload_too_large", "payload")
+    body = _unpack(views[1], limits.max_header_bytes, "header_undecodable", "frame header")
+    try:
+        header = FrameHeader.model_validate(body)
+    except ValidationError as error:
+        raise ProtocolError("header_invalid", f"frame header: {_describe(error)}") from error
+    problem = _payload_problem(header, payload)
+    if problem is not None:
+        raise ProtocolError("payload_mismatch", f"frame {header.key}: {problem}")
+    return Frame(header, payload)
+
+
+class RejectCounter:
+    """Counts malformed messages per kind and logs the first of each kind once.
+
+    A flood of garbage (a misconfigured peer, a port scanner) must neither fill the log nor go
+    unnoticed: the counts go to the status endpoint, the first example of each kind to the log.
+    """
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def record(self, error: ProtocolError) -> None:
+        with self._lock:
+            self._counts[error.kind] += 1
+            first = self._counts[error.kind] == 1
+        if first:
+            log.warning("refused a malformed message (%s): %s; further ones of this kind are only counted",
+                        error.kind, error)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._counts.values())

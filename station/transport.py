@@ -1,0 +1,501 @@
+"""Frame transport: a station hands frames to inspection workers on credit, over ZeroMQ.
+
+Sockets: the station binds a ROUTER; every worker (on this machine or another) connects a
+DEALER to each station it serves. Messages are those of `pouchline.station.protocol`.
+
+Flow control is explicit credit. A worker announces how many frames it may hold at once
+(`capacity`); the station sends a frame only to a worker with free credit (the least loaded
+one) and the credit comes back with the worker's `done`. So no frame ever waits in a ZeroMQ
+queue where it could be lost unseen: it waits in the station's pending queue, where it is
+counted, or sits in one worker's hands, where it is tracked until done.
+
+When workers fall behind, frames pile up in the station's pending queue, bounded per camera
+(`max_pending`). What happens at the bound is the camera's buffer policy:
+
+* ``every`` (files, replay, synthetic): the producer blocks; nothing is dropped.
+* ``newest`` (live cameras): the oldest pending frame of that camera is dropped. The drop is
+  counted, logged and turned into a *drop notice* -- the frame's header with ``dropped`` set
+  and no image -- which is delivered to a worker like a frame, so the cell it belonged to
+  becomes a fail-safe reject downstream. Drops are never silent.
+
+Liveness: both sides send heartbeats every ``heartbeat_s``; a peer silent for ``timeout_s``
+is gone. The frames a gone worker held go back to the front of the pending queue and are
+delivered again (at most ``max_redeliveries`` times, then they become drop notices); a
+worker that restarts says hello with a new session and gets frames at once. A worker whose
+station goes silent rebuilds its socket and says hello again, so a restarted station is
+served without restarting anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import zmq
+from pydantic import BaseModel, ConfigDict, Field
+
+from pouchline.station.curve import CurveClientConfig, CurveServerConfig, secure_client, secure_server
+from pouchline.station.protocol import (
+    Done,
+    Frame,
+    FrameHeader,
+    Heartbeat,
+    Hello,
+    ProtocolError,
+    RejectCounter,
+    decode,
+    encode_control,
+    encode_frame,
+)
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str, int]
+Policy = Literal["every", "newest"]
+
+
+class TransportSettings(BaseModel):
+    """Timing and bounds shared by stations and workers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    heartbeat_s: float = Field(0.5, gt=0, le=60, description="Interval between heartbeats, both ways.")
+    timeout_s: float = Field(3.0, gt=0, le=600, description="A peer silent this long is gone.")
+    max_pending: int = Field(64, ge=1, le=100_000, description="Frames per camera that may wait for a free worker.")
+    max_redeliveries: int = Field(2, ge=0, le=100, description="Deliveries after the first before a frame is given up (and reported).")
+    shutdown_grace_s: float = Field(2.0, ge=0, le=600, description="How long a closing station keeps delivering what it holds.")
+
+
+@dataclass
+class _Item:
+    """A frame (or drop notice) the station is responsible for until a worker is done with it."""
+
+    header: FrameHeader
+    parts: list[Any]
+    policy: Policy
+    deliveries: int = 0
+
+    @property
+    def notice(self) -> bool:
+        return self.header.dropped is not None
+
+
+@dataclass
+class _Worker:
+    identity: bytes
+    name: str
+    session: str
+    capacity: int
+    last_seen: float
+    held: dict[Key, _Item] = field(default_factory=dict)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.held)
+
+
+def _drop_notice(item: _Item, reason: str) -> _Item:
+    header = item.header.model_copy(update={"dropped": reason, "nbytes": 0})
+    return _Item(header, encode_frame(header, b""), item.policy, item.deliveries)
+
+
+class FrameServer:
+    """The station's end: accepts frames from capture threads, deals them to workers."""
+
+    def __init__(self, endpoint: str, *, station: str, settings: TransportSettings | None = None,
+                 curve: CurveServerConfig | None = None) -> None:
+        self.station = station
+        self.settings = settings or TransportSettings()
+        self.session = secrets.token_hex(4)
+        self.rejected = RejectCounter()
+        self._context = zmq.Context()
+        self._router = self._context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.SNDHWM, 100_000)  # credit bounds what is queued; never hit the HWM
+        self._authenticator = secure_server(self._router, curve) if curve is not None else None
+        self._router.bind(endpoint)
+        self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._inbox: deque[_Item] = deque()
+        self._pending: deque[_Item] = deque()
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self._slots_lock = threading.Lock()
+        self._workers: dict[bytes, _Worker] = {}
+        self._closing = threading.Event()
+        self._accepting = True
+        self._stats: Counter[str] = Counter()
+        self._per_camera: dict[str, Counter[str]] = {}
+        self._stats_lock = threading.RLock()  # also guards the worker table for `stats`
+        self._thread = threading.Thread(target=self._run, name=f"frame-server-{station}", daemon=True)
+        self._thread.start()
+
+    # -- capture side (any thread) ---------------------------------------------------------
+    def submit(self, header: FrameHeader, payload: bytes | memoryview | np.ndarray, *, policy: Policy = "every",
+               timeout_s: float | None = None) -> bool:
+        """Hand one frame over. ``every``: blocks while the camera's pending queue is full
+        (returns False only when ``timeout_s`` passes or the server closes); ``newest``: never
+        blocks, the server drops (and reports) the camera's oldest pending frame instead."""
+        if not self._accepting:
+            raise RuntimeError(f"frame server of station {self.station!r} is closed")
+        item = _Item(header, encode_frame(header, payload), policy)
+        if policy == "every":
+            slot = self._slot(header.camera)
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            while not slot.acquire(timeout=0.1):
+                if self._closing.is_set() or (deadline is not None and time.monotonic() > deadline):
+                    return False
+        self._inbox.append(item)
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the server is already awake
+        return True
+
+    def _slot(self, camera: str) -> threading.BoundedSemaphore:
+        with self._slots_lock:
+            if camera not in self._slots:
+                self._slots[camera] = threading.BoundedSemaphore(self.settings.max_pending)
+            return self._slots[camera]
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for the status endpoint: counts, queues, workers, malformed messages."""
+        now = time.monotonic()
+        with self._stats_lock:
+            counts = dict(self._stats)
+            cameras = {camera: dict(counts) for camera, counts in self._per_camera.items()}
+            workers = [{"name": w.name, "session": w.session, "capacity": w.capacity, "held": len(w.held),
+                        "silent_s": round(now - w.last_seen, 3)} for w in self._workers.values()]
+        return {
+            "station": self.station, "session": self.session, "endpoint": self.endpoint,
+            **counts, "pending": len(self._pending) + len(self._inbox),
+            "in_flight": sum(w["held"] for w in workers), "workers": workers, "cameras": cameras,
+            "malformed": self.rejected.counts,
+        }
+
+    def close(self, grace_s: float | None = None) -> dict[str, Any]:
+        """Stop accepting frames, deliver what is held for up to ``grace_s``, then report
+        (and log) anything still undelivered; returns the final stats."""
+        self._accepting = False
+        self._grace_until = time.monotonic() + (self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        self._closing.set()
+        os.write(self._wake_w, b"\0")
+        self._thread.join()
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self._router.close(linger=0)
+        self._context.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        return self.stats()
+
+    # -- the I/O thread, which alone touches the socket -------------------------------------
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_beat = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if self._closing.is_set() and (now > self._grace_until or self._idle()):
+                break
+            wait_ms = max(0.0, min(next_beat - now, 0.1)) * 1000
+            ready = dict(poller.poll(wait_ms))
+            if self._wake_r in ready:
+                self._drain_wake()
+            self._take_inbox()
+            if self._router in ready:
+                self._receive()
+            now = time.monotonic()
+            if now >= next_beat:
+                self._expire(now)
+                self._beat()
+                next_beat = now + self.settings.heartbeat_s
+            self._dispatch()
+        self._report_undelivered()
+
+    def _idle(self) -> bool:
+        return not self._inbox and not self._pending and not any(w.held for w in self._workers.values())
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _count(self, name: str, camera: str | None = None, n: int = 1) -> None:
+        with self._stats_lock:
+            self._stats[name] += n
+            if camera is not None:
+                self._per_camera.setdefault(camera, Counter())[name] += n
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            item = self._inbox.popleft()
+            self._pending.append(item)
+            self._count("submitted", item.header.camera)
+            if item.policy == "newest":
+                self._bound(item.header.camera)
+
+    def _bound(self, camera: str) -> None:
+        """Newest policy: past the bound, the camera's oldest waiting frame becomes a notice."""
+        waiting = [i for i, item in enumerate(self._pending) if item.header.camera == camera and not item.notice]
+        if len(waiting) > self.settings.max_pending:
+            index = waiting[0]
+            item = self._pending[index]
+            self._pending[index] = _drop_notice(item, "queue_full")
+            self._count("dropped_queue_full", camera)
+            if self._stats["dropped_queue_full"] == 1:
+                log.warning("station %s: workers are behind; dropping the oldest frames of camera %s "
+                            "(each becomes a fail-safe reject)", self.station, camera)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                identity, *parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                message = decode(parts)
+            except ProtocolError as error:
+                self.rejected.record(error)
+                continue
+            self._handle(identity.bytes, message)
+
+    def _handle(self, identity: bytes, message: object) -> None:
+        now = time.monotonic()
+        if isinstance(message, Hello | Heartbeat):
+            name = message.worker if isinstance(message, Hello) else message.sender
+            worker = self._workers.get(identity)
+            if worker is None or worker.session != message.session:
+                self._register(identity, name, message.session, message.capacity, now)
+            else:
+                worker.last_seen = now
+        elif isinstance(message, Done):
+            worker = self._workers.get(identity)
+            if worker is not None:
+                worker.last_seen = now
+            for key in message.keys:
+                self._finish(tuple(key))  # type: ignore[arg-type]
+        else:
+            self.rejected.record(ProtocolError("unexpected", f"a worker sent a {type(message).__name__} message"))
+
+    def _register(self, identity: bytes, name: str, session: str, capacity: int, now: float) -> None:
+        """A new worker, or one that restarted: whatever an earlier session held is lost with it."""
+        for old_identity, old in list(self._workers.items()):
+            if old_identity == identity or (old.name == name and old.session != session):
+                self._forget(old_identity, "restarted")
+        with self._stats_lock:
+            self._workers[identity] = _Worker(identity, name, session, capacity, now)
+        self._count("workers_joined")
+        log.info("station %s: worker %s (session %s) joined with capacity %d", self.station, name, session, capacity)
+
+    def _finish(self, key: Key) -> None:
+        for worker in self._workers.values():
+            item = worker.held.pop(key, None)
+            if item is not None:
+                self._count("notices_done" if item.notice else "done", key[1])
+                return
+        self._count("done_unknown")  # from before a restart, or a duplicate after redelivery
+
+    def _forget(self, identity: bytes, why: str) -> None:
+        with self._stats_lock:
+            worker = self._workers.pop(identity)
+        if worker.held:
+            log.warning("station %s: worker %s %s holding %d frames; delivering them again",
+                        self.station, worker.name, why, len(worker.held))
+        for item in reversed(list(worker.held.values())):
+            if item.deliveries > self.settings.max_redeliveries and not item.notice:
+                item = _drop_notice(item, "redelivery_limit")
+                self._count("dropped_redelivery_limit", item.header.camera)
+            self._pending.appendleft(item)
+            self._count("redelivered", item.header.camera)
+        self._count(f"workers_{why}")
+
+    def _expire(self, now: float) -> None:
+        for identity, worker in list(self._workers.items()):
+            if now - worker.last_seen > self.settings.timeout_s:
+                self._forget(identity, "timed_out")
+
+    def _beat(self) -> None:
+        for identity in list(self._workers):
+            beat = Heartbeat(type="heartbeat", sender=self.station, session=self.session, busy=0, capacity=0)
+            self._send(identity, encode_control(beat))
+
+    def _send(self, identity: bytes, parts: list[Any]) -> bool:
+        try:
+            self._router.send_multipart([identity, *parts], zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as error:  # EHOSTUNREACH (gone) or EAGAIN (its pipe is full)
+            if identity in self._workers:
+                self._forget(identity, "unreachable")
+            log.debug("send to %r failed: %s", identity, error)
+            return False
+
+    def _pick(self, notice: bool) -> _Worker | None:
+        """The least loaded worker with free credit (notices need no credit, just a worker)."""
+        best = max(self._workers.values(), key=lambda w: w.free, default=None)
+        if best is None or (best.free <= 0 and not notice):
+            return None
+        return best
+
+    def _dispatch(self) -> None:
+        while self._pending:
+            item = self._pending[0]
+            worker = self._pick(item.notice)
+            if worker is None:
+                return
+            self._pending.popleft()
+            key = item.header.key
+            if item.deliveries == 0 and item.policy == "every":
+                self._slot(item.header.camera).release()  # the producer may go on
+            item.deliveries += 1
+            worker.held[key] = item
+            if self._send(worker.identity, item.parts):
+                self._count("notices_sent" if item.notice else "sent", item.header.camera)
+
+    def _report_undelivered(self) -> None:
+        left = len(self._pending) + len(self._inbox) + sum(len(w.held) for w in self._workers.values())
+        if left:
+            self._count("undelivered_at_shutdown", n=left)
+            log.error("station %s closed with %d frames undelivered (no worker took them in time)", self.station, left)
+
+
+@dataclass
+class _Link:
+    """One worker-side connection to one station."""
+
+    endpoint: str
+    socket: zmq.Socket
+    session: str
+    station_session: str | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    next_beat: float = 0.0
+
+
+class FrameClient:
+    """The worker's end: connects to stations, receives validated frames, returns credit.
+
+    Single-threaded: the worker loop calls `receive` and `done`; heartbeats and reconnects
+    happen inside `receive`, so a worker must call it at least every ``heartbeat_s``.
+    """
+
+    def __init__(self, endpoints: list[str], *, name: str, capacity: int = 4, settings: TransportSettings | None = None,
+                 curve: CurveClientConfig | None = None) -> None:
+        if not endpoints:
+            raise ValueError("a frame client needs at least one station endpoint")
+        self.name = name
+        self.capacity = capacity
+        self.settings = settings or TransportSettings()
+        self.curve = curve
+        self.rejected = RejectCounter()
+        self.stats: Counter[str] = Counter()
+        self._context = zmq.Context()
+        self._links = [self._connect(endpoint) for endpoint in endpoints]
+        self._origin: dict[Key, _Link] = {}
+        self._poller = self._make_poller()
+
+    def _connect(self, endpoint: str) -> _Link:
+        session = secrets.token_hex(4)
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        socket.setsockopt(zmq.ROUTING_ID, f"{self.name}.{session}".encode())
+        if self.curve is not None:
+            secure_client(socket, self.curve)
+        socket.connect(endpoint)
+        link = _Link(endpoint, socket, session)
+        self._say(link, Hello(type="hello", worker=self.name, session=session, capacity=self.capacity))
+        return link
+
+    def _make_poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        for link in self._links:
+            poller.register(link.socket, zmq.POLLIN)
+        return poller
+
+    def _say(self, link: _Link, message: Hello | Heartbeat | Done) -> None:
+        try:
+            link.socket.send_multipart(encode_control(message), zmq.NOBLOCK)
+        except zmq.Again:
+            self.stats["control_not_sent"] += 1  # the station is unreachable; the next beat retries
+
+    def receive(self, timeout_s: float) -> Frame | None:
+        """The next valid frame (or drop notice) from any station, or None after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._housekeep()
+            for link in self._links:
+                frame = self._read(link)
+                if frame is not None:
+                    return frame
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            self._poller.poll(max(0.0, min(deadline - now, self.settings.heartbeat_s)) * 1000)
+
+    def _read(self, link: _Link) -> Frame | None:
+        while True:
+            try:
+                parts = link.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            try:
+                message = decode(parts)
+            except ProtocolError as error:
+                self.rejected.record(error)
+                continue
+            link.last_seen = time.monotonic()
+            if isinstance(message, Frame):
+                self._origin[message.header.key] = link
+                self.stats["notices" if message.header.dropped else "frames"] += 1
+                return message
+            if isinstance(message, Heartbeat):
+                if link.station_session not in (None, message.session):
+                    self.stats["station_restarts"] += 1  # a new station process: say hello again
+                    self._say(link, Hello(type="hello", worker=self.name, session=link.session, capacity=self.capacity))
+                link.station_session = message.session
+            else:
+                self.rejected.record(ProtocolError("unexpected", f"a station sent a {type(message).__name__} message"))
+
+    def _housekeep(self) -> None:
+        now = time.monotonic()
+        for index, link in enumerate(self._links):
+            if now - link.last_seen > self.settings.timeout_s:
+                log.warning("worker %s: station at %s silent for %.1f s; reconnecting", self.name, link.endpoint,
+                            now - link.last_seen)
+                self.stats["reconnects"] += 1
+                link.socket.close(linger=0)
+                self._links[index] = link = self._connect(link.endpoint)
+                self._poller = self._make_poller()
+            if now >= link.next_beat:
+                busy = sum(1 for origin in self._origin.values() if origin is link)
+                self._say(link, Heartbeat(type="heartbeat", sender=self.name, session=link.session, busy=busy,
+                                          capacity=self.capacity))
+                link.next_beat = now + self.settings.heartbeat_s
+
+    def done(self, key: Key) -> None:
+        """The frame is handled (verdict sent, or recorded): its credit goes back to the station."""
+        link = self._origin.pop(key, None)
+        if link is None:
+            raise KeyError(f"frame {key} was not received by this client or is already done")
+        if link in self._links:
+            self._say(link, Done(type="done", keys=[key]))
+        self.stats["done"] += 1
+
+    def close(self) -> None:
+        for link in self._links:
+            link.socket.close(linger=0)
+        self._context.term()
+
