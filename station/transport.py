@@ -58,6 +58,8 @@ from pouchline.station.protocol import (
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str, int]
+#: Keys one `done` message may carry (the protocol's limit).
+MAX_DONE_KEYS = 1024
 Policy = Literal["every", "newest"]
 
 
@@ -445,6 +447,20 @@ class FrameClient:
                 return None
             self._poller.poll(max(0.0, min(deadline - now, self.settings.heartbeat_s)) * 1000)
 
+    def receive_batch(self, max_frames: int, timeout_s: float) -> list[Frame]:
+        """Up to ``max_frames`` frames: waits up to ``timeout_s`` for the first, then takes
+        only what has already arrived (a micro-batching worker's read)."""
+        first = self.receive(timeout_s)
+        if first is None:
+            return []
+        batch = [first]
+        while len(batch) < max_frames:
+            more = self.receive(0.0)
+            if more is None:
+                break
+            batch.append(more)
+        return batch
+
     def _read(self, link: _Link) -> Frame | None:
         while True:
             try:
@@ -485,14 +501,20 @@ class FrameClient:
                                           capacity=self.capacity))
                 link.next_beat = now + self.settings.heartbeat_s
 
-    def done(self, key: Key) -> None:
-        """The frame is handled (verdict sent, or recorded): its credit goes back to the station."""
-        link = self._origin.pop(key, None)
-        if link is None:
-            raise KeyError(f"frame {key} was not received by this client or is already done")
-        if link in self._links:
-            self._say(link, Done(type="done", keys=[key]))
-        self.stats["done"] += 1
+    def done(self, *keys: Key) -> None:
+        """These frames are handled (verdicts sent, or recorded): their credit goes back to
+        their stations, in one message per station."""
+        by_link: dict[int, tuple[_Link, list[Key]]] = {}
+        for key in keys:
+            link = self._origin.pop(key, None)
+            if link is None:
+                raise KeyError(f"frame {key} was not received by this client or is already done")
+            by_link.setdefault(id(link), (link, []))[1].append(key)
+        for link, done in by_link.values():
+            if link in self._links:
+                for start in range(0, len(done), MAX_DONE_KEYS):
+                    self._say(link, Done(type="done", keys=done[start : start + MAX_DONE_KEYS]))
+        self.stats["done"] += len(keys)
 
     def close(self) -> None:
         for link in self._links:
