@@ -103,6 +103,7 @@ def compute_metrics(scored: list[Scored], model: Inferencer) -> dict[str, Any]:
         errors = np.array([s.prediction.swelling_mm - s.record.ground_truth.swelling_mm for s in with_truth])  # type: ignore[union-attr]
         metrics["swelling_mae_mm"] = float(np.abs(errors).mean())
         metrics["swelling_p95_abs_error_mm"] = float(np.percentile(np.abs(errors), 95))
+    metrics["per_kind"] = _per_kind(located)
     anomaly_scores = np.array([s.prediction.anomaly for s in located])
     defective = np.array([s.record.labels != ["ok"] for s in located])
     unseen = np.array([bool(_defect_kinds(s.record) & held_out) for s in located])
@@ -113,6 +114,22 @@ def compute_metrics(scored: list[Scored], model: Inferencer) -> dict[str, Any]:
         "unseen_images": int(unseen.sum()),
     }
     return metrics
+
+
+def _per_kind(located: list[Scored]) -> dict[str, dict[str, float]]:
+    """Per deformation kind: caught by the `deformed` output, by the anomaly score, and
+    rejected at all (any output flagged: what the line actually does with the cell)."""
+    result = {}
+    for kind in DEFORMATION_KINDS:
+        cells = [s for s in located if kind in _defect_kinds(s.record)]
+        if cells:
+            result[kind] = {
+                "cells": len(cells),
+                "deformed_recall": float(np.mean(["deformed" in s.prediction.flagged for s in cells])),
+                "anomaly_recall": float(np.mean(["anomaly" in s.prediction.flagged for s in cells])),
+                "rejected": float(np.mean([bool(s.prediction.flagged) for s in cells])),
+            }
+    return result
 
 
 def _class_metrics(located: list[Scored], classes: list[str]) -> dict[str, Any]:
