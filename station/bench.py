@@ -85,6 +85,7 @@ def _receive(system: System, endpoint: str, frames: int, raw: bool, conn: Connec
     latencies: list[float] = []
     notices = 0
     first_sent = last = None
+    cpu = time.process_time()
     if system == "pouchline":
         # A micro-batching consumer, as an inspection worker is: take what has arrived, hand
         # the credit back for all of it at once.
@@ -124,13 +125,12 @@ def _receive(system: System, endpoint: str, frames: int, raw: bool, conn: Connec
                 hub.send_reply(b"OK")
         hub.close()
     conn.send_bytes(json.dumps({"latencies": latencies, "notices": notices, "first_sent_ns": first_sent,
-                                "last_received": last}).encode())
+                                "last_received": last, "cpu_s": time.process_time() - cpu}).encode())
 
 
 # -- senders (this process) ---------------------------------------------------------------------
-def _offer(case: Case, send: Any, payload: bytes | np.ndarray) -> float:
-    """Send ``case.frames`` frames (paced or flat out); returns this process's CPU seconds."""
-    cpu = time.process_time()
+def _offer(case: Case, send: Any, payload: bytes | np.ndarray) -> None:
+    """Send ``case.frames`` frames (paced or flat out)."""
     start = time.monotonic()
     for seq in range(case.frames):
         if case.mode == "paced":
@@ -138,7 +138,6 @@ def _offer(case: Case, send: Any, payload: bytes | np.ndarray) -> float:
             if delay > 0:
                 time.sleep(delay)
         send(seq, payload)
-    return time.process_time() - cpu
 
 
 def _run_case(case: Case, image: np.ndarray, jpeg: bytes) -> dict[str, Any]:
@@ -147,15 +146,17 @@ def _run_case(case: Case, image: np.ndarray, jpeg: bytes) -> dict[str, Any]:
     parent, child = multiprocessing.get_context("spawn").Pipe()
     process = multiprocessing.get_context("spawn").Process(
         target=_receive, args=(case.system, endpoint, case.frames, case.payload == "raw", child), daemon=True)
-    cpu_s, extra = 0.0, {}
+    extra: dict[str, Any] = {}
     if case.system == "pouchline":
         server = FrameServer(endpoint, station="bench", settings=TransportSettings(max_pending=64))
         process.start()
         parent.recv_bytes()
         while not server.stats()["workers"]:
             time.sleep(0.01)
-        cpu_s = _offer(case, lambda seq, data: server.submit(_header(seq, data), data, policy="every"), payload)
+        cpu = time.process_time()  # the sender's CPU until the receiver has everything, I/O thread included
+        _offer(case, lambda seq, data: server.submit(_header(seq, data), data, policy="every"), payload)
         result = json.loads(parent.recv_bytes())
+        cpu_s = time.process_time() - cpu
         stats = server.close(grace_s=1.0)
         extra = {"reported_drops": stats.get("dropped_queue_full", 0) + stats.get("dropped_redelivery_limit", 0)}
     else:
@@ -172,8 +173,10 @@ def _run_case(case: Case, image: np.ndarray, jpeg: bytes) -> dict[str, Any]:
             parent.recv_bytes()
             time.sleep(0.5)  # PUB/SUB's slow joiner: frames sent before the subscription are lost
         method = sender.send_image if case.payload == "raw" else sender.send_jpg
-        cpu_s = _offer(case, lambda seq, data: method(str(time.monotonic_ns()), data), payload)
+        cpu = time.process_time()
+        _offer(case, lambda seq, data: method(str(time.monotonic_ns()), data), payload)
         result = json.loads(parent.recv_bytes())
+        cpu_s = time.process_time() - cpu
         sender.close()
     process.join(timeout=10)
     latencies = np.asarray(result["latencies"])
@@ -186,7 +189,8 @@ def _run_case(case: Case, image: np.ndarray, jpeg: bytes) -> dict[str, Any]:
         "silent_drops": silent, "frames_per_s": received / span if received else 0.0,
         "p50_ms": float(np.percentile(latencies, 50)) if received else float("nan"),
         "p99_ms": float(np.percentile(latencies, 99)) if received else float("nan"),
-        "sender_cpu_ms_per_frame": 1000 * cpu_s / case.frames, **extra,
+        "sender_cpu_ms_per_frame": 1000 * cpu_s / case.frames,
+        "receiver_cpu_ms_per_frame": 1000 * result["cpu_s"] / max(received, 1), **extra,
     }
 
 

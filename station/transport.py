@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import select
 import threading
 import time
 from collections import Counter, deque
@@ -128,7 +129,6 @@ class FrameServer:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._inbox: deque[_Item] = deque()
         self._pending: deque[_Item] = deque()
         self._slots: dict[str, threading.BoundedSemaphore] = {}
         self._slots_lock = threading.Lock()
@@ -137,7 +137,10 @@ class FrameServer:
         self._accepting = True
         self._stats: Counter[str] = Counter()
         self._per_camera: dict[str, Counter[str]] = {}
-        self._stats_lock = threading.RLock()  # also guards the worker table for `stats`
+        # One lock over the socket and every table: a capture thread that finds a worker with
+        # credit sends the frame itself (no hand-off to another thread on the hot path); the
+        # I/O thread takes the lock for incoming messages, heartbeats and frames left waiting.
+        self._lock = threading.RLock()
         self._thread = threading.Thread(target=self._run, name=f"frame-server-{station}", daemon=True)
         self._thread.start()
 
@@ -156,11 +159,10 @@ class FrameServer:
             while not slot.acquire(timeout=0.1):
                 if self._closing.is_set() or (deadline is not None and time.monotonic() > deadline):
                     return False
-        self._inbox.append(item)
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full: the server is already awake
+        with self._lock:
+            self._accept(item)
+            self._dispatch()
+            self._receive()  # the socket's FD is edge-triggered: a send may have taken its wake-up
         return True
 
     def _slot(self, camera: str) -> threading.BoundedSemaphore:
@@ -172,14 +174,15 @@ class FrameServer:
     def stats(self) -> dict[str, Any]:
         """A snapshot for the status endpoint: counts, queues, workers, malformed messages."""
         now = time.monotonic()
-        with self._stats_lock:
+        with self._lock:
             counts = dict(self._stats)
             cameras = {camera: dict(counts) for camera, counts in self._per_camera.items()}
             workers = [{"name": w.name, "session": w.session, "capacity": w.capacity, "held": len(w.held),
                         "silent_s": round(now - w.last_seen, 3)} for w in self._workers.values()]
+            pending = len(self._pending)
         return {
             "station": self.station, "session": self.session, "endpoint": self.endpoint,
-            **counts, "pending": len(self._pending) + len(self._inbox),
+            **counts, "pending": pending,
             "in_flight": sum(w["held"] for w in workers), "workers": workers, "cameras": cameras,
             "malformed": self.rejected.counts,
         }
@@ -200,33 +203,33 @@ class FrameServer:
         os.close(self._wake_w)
         return self.stats()
 
-    # -- the I/O thread, which alone touches the socket -------------------------------------
+    # -- the I/O thread: incoming messages, heartbeats, frames that waited for credit ---------
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        # Waits on the socket's file descriptor outside the lock (a zmq poll would touch the
+        # socket while a capture thread sends on it); the descriptor is edge-triggered, so
+        # every turn drains the socket completely under the lock.
+        descriptor = self._router.getsockopt(zmq.FD)
         next_beat = time.monotonic()
         while True:
-            now = time.monotonic()
-            if self._closing.is_set() and (now > self._grace_until or self._idle()):
-                break
-            wait_ms = max(0.0, min(next_beat - now, 0.1)) * 1000
-            ready = dict(poller.poll(wait_ms))
-            if self._wake_r in ready:
-                self._drain_wake()
-            self._take_inbox()
-            if self._router in ready:
+            with self._lock:
+                now = time.monotonic()
+                if self._closing.is_set() and (now > self._grace_until or self._idle()):
+                    break
                 self._receive()
-            now = time.monotonic()
-            if now >= next_beat:
-                self._expire(now)
-                self._beat()
-                next_beat = now + self.settings.heartbeat_s
-            self._dispatch()
-        self._report_undelivered()
+                if now >= next_beat:
+                    self._expire(now)
+                    self._beat()
+                    next_beat = now + self.settings.heartbeat_s
+                self._dispatch()
+                self._receive()
+                wait = max(0.0, min(next_beat - now, 0.1))
+            select.select([descriptor, self._wake_r], [], [], wait)
+            self._drain_wake()
+        with self._lock:
+            self._report_undelivered()
 
     def _idle(self) -> bool:
-        return not self._inbox and not self._pending and not any(w.held for w in self._workers.values())
+        return not self._pending and not any(w.held for w in self._workers.values())
 
     def _drain_wake(self) -> None:
         try:
@@ -236,18 +239,15 @@ class FrameServer:
             pass
 
     def _count(self, name: str, camera: str | None = None, n: int = 1) -> None:
-        with self._stats_lock:
-            self._stats[name] += n
-            if camera is not None:
-                self._per_camera.setdefault(camera, Counter())[name] += n
+        self._stats[name] += n
+        if camera is not None:
+            self._per_camera.setdefault(camera, Counter())[name] += n
 
-    def _take_inbox(self) -> None:
-        while self._inbox:
-            item = self._inbox.popleft()
-            self._pending.append(item)
-            self._count("submitted", item.header.camera)
-            if item.policy == "newest":
-                self._bound(item.header.camera)
+    def _accept(self, item: _Item) -> None:
+        self._pending.append(item)
+        self._count("submitted", item.header.camera)
+        if item.policy == "newest":
+            self._bound(item.header.camera)
 
     def _bound(self, camera: str) -> None:
         """Newest policy: past the bound, the camera's oldest waiting frame becomes a notice."""
@@ -297,8 +297,7 @@ class FrameServer:
         for old_identity, old in list(self._workers.items()):
             if old_identity == identity or (old.name == name and old.session != session):
                 self._forget(old_identity, "restarted")
-        with self._stats_lock:
-            self._workers[identity] = _Worker(identity, name, session, capacity, now)
+        self._workers[identity] = _Worker(identity, name, session, capacity, now)
         self._count("workers_joined")
         log.info("station %s: worker %s (session %s) joined with capacity %d", self.station, name, session, capacity)
 
@@ -311,8 +310,7 @@ class FrameServer:
         self._count("done_unknown")  # from before a restart, or a duplicate after redelivery
 
     def _forget(self, identity: bytes, why: str) -> None:
-        with self._stats_lock:
-            worker = self._workers.pop(identity)
+        worker = self._workers.pop(identity)
         if worker.held:
             log.warning("station %s: worker %s %s holding %d frames; delivering them again",
                         self.station, worker.name, why, len(worker.held))
@@ -367,7 +365,7 @@ class FrameServer:
                 self._count("notices_sent" if item.notice else "sent", item.header.camera)
 
     def _report_undelivered(self) -> None:
-        left = len(self._pending) + len(self._inbox) + sum(len(w.held) for w in self._workers.values())
+        left = len(self._pending) + sum(len(w.held) for w in self._workers.values())
         if left:
             self._count("undelivered_at_shutdown", n=left)
             log.error("station %s closed with %d frames undelivered (no worker took them in time)", self.station, left)
