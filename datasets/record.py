@@ -70,7 +70,10 @@ def record(connect: list[str], out: Path, *, count: int | None = None, duration_
     info = DatasetInfo(name=out.name, classes=CLASSES, source={"kind": "record", "connect": connect})
     counts: Counter[str] = Counter()
     started = time.monotonic()
-    client = FrameClient(connect, name=f"recorder-{socket.gethostname()}", capacity=8, settings=settings, curve=curve)
+    # Credit no larger than what is left to record: frames taken beyond --count would go back
+    # to the station for redelivery when the recorder stops.
+    capacity = 8 if count is None else max(1, min(8, count))
+    client = FrameClient(connect, name=f"recorder-{socket.gethostname()}", capacity=capacity, settings=settings, curve=curve)
     last_frame = time.monotonic()
     try:
         with DatasetWriter(out, info) as writer, Progress(SpinnerColumn(), TextColumn("[bold]record[/] {task.fields[n]} frames"),

@@ -75,6 +75,7 @@ def bench_transport(
     frames: Annotated[int, typer.Option(min=20, help="JPEG frames per saturation case.")] = 400,
     raw_frames: Annotated[int, typer.Option(min=10, help="Raw frames per saturation case.")] = 150,
     rate: Annotated[float, typer.Option(min=1, help="Offered frames/s in the paced (latency) cases.")] = 60.0,
+    paced_frames: Annotated[int, typer.Option(min=10, help="Frames per paced case (p99 needs a few hundred).")] = 600,
 ) -> None:
     """pouchline vs imagezmq REQ/REP and PUB/SUB on 1080p JPEG and raw (ratio `fps_vs_imagezmq_reqrep_jpeg`)."""
     try:
@@ -83,7 +84,7 @@ def bench_transport(
         raise fail("bench transport compares against imagezmq: pip install 'pouchline[bench]'") from exc
     from pouchline.station.bench import run
 
-    report = run(frames=frames, raw_frames=raw_frames, rate=rate)
+    report = run(frames=frames, raw_frames=raw_frames, paced_frames=paced_frames, rate=rate)
     report.print(console)
     if json_path is not None:
         report.save(json_path)

@@ -203,7 +203,7 @@ def decode_encode_cpu_ms(jpeg: bytes, repeats: int = 20) -> float:
     return 1000 * (time.process_time() - cpu) / repeats
 
 
-def run(*, frames: int = 400, raw_frames: int = 150, paced_frames: int = 180, rate: float = 60.0) -> BenchReport:
+def run(*, frames: int = 400, raw_frames: int = 150, paced_frames: int = 600, rate: float = 60.0) -> BenchReport:
     """Every system x payload x mode, then the passthrough CPU comparison."""
     image, jpeg = test_frame()
     cases = [Case(system, payload, "saturation", frames if payload == "jpeg" else raw_frames)

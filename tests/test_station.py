@@ -27,6 +27,7 @@ from pouchline.station.config import ConfigError, StationConfig, load_config
 from pouchline.station.protocol import Frame, Trigger, encode_control
 from pouchline.station.service import Station
 from pouchline.station.transport import FrameClient, TransportSettings
+from test_presence import Conveyor, conveyor  # noqa: F401 - the rendered conveyor fixture
 
 FAST = {"heartbeat_s": 0.05, "timeout_s": 0.5, "max_pending": 16, "shutdown_grace_s": 1.0}
 
@@ -222,3 +223,25 @@ def test_station_run_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     final = json.loads(out[out.index("{"):])
     assert final["cameras"]["top"]["captured"] >= 2
     assert final["cameras"]["top"]["state"] == "stopped"
+
+
+def test_cells_found_by_presence_detection_in_the_camera_stream(tmp_path: Path, conveyor: Conveyor) -> None:
+    frames = tmp_path / "conveyor"
+    frames.mkdir()
+    for index, image in enumerate(conveyor.frames):
+        cv2.imwrite(str(frames / f"{index:04d}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    camera = {"name": "top", "cells": "presence", "source": {"kind": "folder", "path": str(frames)}}
+    station = Station(station_config([camera], lot="LOT-P")).start()
+    try:
+        received = collect(station, 5, timeout_s=20)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not station.finished():
+            time.sleep(0.05)
+        status = station.status()
+    finally:
+        station.stop()
+    headers = [frame.header for frame in received]
+    assert len({h.cell for h in headers}) == 5 and all(h.trigger == "presence" and h.views == 1 for h in headers)
+    assert all(h.lot == "LOT-P" for h in headers)
+    passes = sum(1 for i, extent in enumerate(conveyor.extents) if extent is not None and conveyor.extents[i - 1] is None)
+    assert passes == 5 and status["cameras"]["top"]["idle"] == len(conveyor.frames) - 5
