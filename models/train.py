@@ -257,7 +257,7 @@ class Trainer:
             raise DatasetError(self.data, f"validation split has only {int(good_val.sum())} good frames; thresholds need more")
         calibration = {
             "centre": centre.tolist(), "whitening": whitening.tolist(), "thresholds": self._thresholds(predicted, good_val),
-            "anomaly_threshold": threshold_at_frr(anomaly[good_val], self.config.target_frr),
+            "anomaly_threshold": threshold_at_frr(anomaly[good_val], self._share()),
             "target_frr": self.config.target_frr, "calibrated_on": int(good_val.sum()),
             "swelling": self._swelling_calibration(predicted["swelling"]),
         }
@@ -274,15 +274,17 @@ class Trainer:
             return prepared.labels[:, self.info.classes.index("ok")] > 0.5
         return np.ones(len(prepared), bool)
 
-    def _thresholds(self, predicted: dict[str, np.ndarray], good: np.ndarray) -> dict[str, float]:
-        """Per-defect thresholds whose union flags at most the target share of good cells.
+    def _share(self) -> float:
+        """False-reject budget of each flag. The line rejects a cell that any defect output or
+        the anomaly score flags, so they split the target between them and their union stays
+        within it. (Multi-class models decide by the top class; only the anomaly score is a flag.)"""
+        return self.config.target_frr / (len(self.outputs) + 1) if self.multilabel else self.config.target_frr
 
-        Multi-class models decide by the most probable class and need none.
-        """
+    def _thresholds(self, predicted: dict[str, np.ndarray], good: np.ndarray) -> dict[str, float]:
+        """Per-defect thresholds at their share of the false-reject budget (none for multi-class)."""
         if not self.multilabel:
             return {}
-        each = self.config.target_frr / len(self.outputs)
-        return {name: threshold_at_frr(predicted["probs"][good, k], each) for k, name in enumerate(self.outputs)}
+        return {name: threshold_at_frr(predicted["probs"][good, k], self._share()) for k, name in enumerate(self.outputs)}
 
     def _swelling_calibration(self, predicted: np.ndarray) -> dict[str, float]:
         """Linear correction (scale, offset) of the swelling estimate, fitted on validation."""
