@@ -26,7 +26,7 @@ from pouchline.datasets.spec import CellSpec
 from pouchline.inspect.benchreport import BenchReport
 from pouchline.models.dataprep import Prepared, align, to_model_input
 from pouchline.models.export import output_aurocs
-from pouchline.models.inference import session_options
+from pouchline.models.inference import bare_runner
 from pouchline.models.metadata import OUTPUT_NAMES, load_metadata
 
 _BENCH_SEED = 777
@@ -92,17 +92,6 @@ def _torch_runner(weights: Path, model: Path, threads: int) -> Callable[[np.ndar
     return run
 
 
-def _ort_runner(model: Path, threads: int) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model), session_options(threads), providers=["CPUExecutionProvider"])
-
-    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(OUTPUT_NAMES, session.run(None, {"image": batch})))
-
-    return run
-
-
 def run(model: Path, int8: Path, weights: Path, *, frames: int = 600, repeats: int = 200) -> BenchReport:
     """Benchmark the three runtimes of one trained model."""
     meta = load_metadata(model)
@@ -112,8 +101,8 @@ def run(model: Path, int8: Path, weights: Path, *, frames: int = 600, repeats: i
     for threads in (1, 2):
         runners = {
             "torch eager": _torch_runner(weights, model, threads),
-            "onnxruntime fp32": _ort_runner(model, threads),
-            "onnxruntime int8": _ort_runner(int8, threads),
+            "onnxruntime fp32": bare_runner(model, threads),
+            "onnxruntime int8": bare_runner(int8, threads),
         }
         for name, runner in runners.items():
             p50, p99 = _latency(runner, data.crops[:1], repeats)

@@ -6,6 +6,8 @@ Training and export need the `[train]` extra (torch); evaluation needs only onnx
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +21,15 @@ from pouchline.models.metadata import ModelError
 app = typer.Typer(help="Defect detector: train, export to ONNX (FP32 and INT8), evaluate, reproduce the shipped model.",
                   no_args_is_help=True)
 console = Console()
+
+
+@contextmanager
+def _clear_errors(*also: type[Exception]) -> Iterator[None]:
+    """Known failures (bad model, bad dataset, bad value) become one error line and exit 2."""
+    try:
+        yield
+    except (ModelError, DatasetError, ValueError, *also) as exc:
+        raise fail(str(exc)) from exc
 
 
 def _needs_torch() -> None:
@@ -45,11 +56,9 @@ def train(
 
     if channels not in (1, 3):
         raise fail("--channels must be 1 or 3")
-    try:
+    with _clear_errors(FileExistsError, FileNotFoundError):
         metrics = run_training(data, out, TrainConfig(epochs=epochs, seed=seed, channels=channels, batch_size=batch_size),
                                resume=resume)
-    except (DatasetError, ValueError, FileExistsError, FileNotFoundError) as exc:
-        raise fail(str(exc)) from exc
     console.print_json(json.dumps(metrics))
 
 
@@ -65,10 +74,8 @@ def export_(
     _needs_torch()
     from pouchline.models.export import export
 
-    try:
+    with _clear_errors():
         result = export(run, out, int8=int8, calib=calib, force=force)
-    except (ModelError, DatasetError, ValueError) as exc:
-        raise fail(str(exc)) from exc
     console.print_json(json.dumps(result))
 
 
@@ -83,10 +90,8 @@ def eval_(
     """Evaluate a model with the live inference code: metrics JSON, ROC/PR, confusion, swelling, worst errors."""
     from pouchline.models.evaluate import evaluate
 
-    try:
+    with _clear_errors():
         metrics = evaluate(model, data, report, split=split)
-    except (ModelError, DatasetError, ValueError) as exc:
-        raise fail(str(exc)) from exc
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(metrics, indent=2))
@@ -107,8 +112,6 @@ def reproduce(
     _needs_torch()
     from pouchline.models.reproduce import reproduce as run_reproduce
 
-    try:
+    with _clear_errors():
         results = run_reproduce(out, work, epochs=epochs, seed=seed, scale=scale)
-    except (ModelError, DatasetError, ValueError) as exc:
-        raise fail(str(exc)) from exc
     console.print(f"wrote {out}/MODEL_CARD.md (training {results['train_minutes']:.1f} min)")

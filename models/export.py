@@ -20,7 +20,7 @@ import numpy as np
 
 from pouchline.datasets.records import DEFORMATION_KINDS
 from pouchline.models.dataprep import HEAT_STRIDE, Prepared, prepare
-from pouchline.models.inference import session_options
+from pouchline.models.inference import bare_runner
 from pouchline.models.locate import CROP_SIZE
 from pouchline.models.metadata import OUTPUT_NAMES, InputSpec, ModelError, ModelMetadata, file_sha256, metadata_path
 from pouchline.models.metrics import auroc
@@ -105,14 +105,9 @@ def quantise_int8(fp32: Path, out: Path, calibration_crops: np.ndarray) -> None:
 
 def score_outputs(model: Path, crops: np.ndarray, threads: int = 2) -> dict[str, np.ndarray]:
     """All four outputs of a model over a set of crops (batches of 64)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model), session_options(threads), providers=["CPUExecutionProvider"])
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
-    for start in range(0, len(crops), 64):
-        for name, value in zip(OUTPUT_NAMES, session.run(None, {"image": crops[start : start + 64]})):
-            parts[name].append(value)
-    return {name: np.concatenate(values) for name, values in parts.items()}
+    run = bare_runner(model, threads)
+    batches = [run(crops[start : start + 64]) for start in range(0, len(crops), 64)]
+    return {name: np.concatenate([batch[name] for batch in batches]) for name in OUTPUT_NAMES}
 
 
 def output_aurocs(scores: dict[str, np.ndarray], data: Prepared, classes: list[str], outputs: list[str]) -> dict[str, float]:

@@ -10,6 +10,7 @@ OpenCV and NumPy are needed (no torch).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from pouchline.models.dataprep import align, to_model_input
 from pouchline.models.locate import Located, Status
-from pouchline.models.metadata import ModelError, ModelMetadata, check_graph, load_metadata
+from pouchline.models.metadata import OUTPUT_NAMES, ModelError, ModelMetadata, check_graph, load_metadata
 
 
 @dataclass
@@ -49,6 +50,19 @@ def session_options(threads: int, spinning: bool = False):  # -> onnxruntime.Ses
     return options
 
 
+def bare_runner(model: Path, threads: int) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """The graph alone over (N, H, W, C) uint8 crops, every output by name: no metadata, no
+    locating. For export's accuracy gate (the metadata is not written yet) and the benchmark."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), session_options(threads), providers=["CPUExecutionProvider"])
+
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(OUTPUT_NAMES, session.run(None, {"image": batch})))
+
+    return run
+
+
 class Inferencer:
     """A loaded detector: metadata checked against the file and the graph."""
 
@@ -64,6 +78,7 @@ class Inferencer:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"{self.path}: onnxruntime cannot load it: {exc}") from exc
         check_graph(self.path, self.meta, self.session.get_inputs(), self.session.get_outputs())
+        self.output_names = [output.name for output in self.session.get_outputs()]
         self.crop_size = (self.meta.input.width, self.meta.input.height)
 
     def pre_process(self, image: np.ndarray) -> tuple[np.ndarray | None, Located]:
@@ -82,8 +97,7 @@ class Inferencer:
         expected = (self.meta.input.height, self.meta.input.width, self.meta.input.channels)
         if batch.ndim != 4 or batch.shape[1:] != expected or batch.dtype != np.uint8:
             raise ValueError(f"batch {batch.shape} {batch.dtype} is not (N, {expected[0]}, {expected[1]}, {expected[2]}) uint8")
-        names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(None, {self.meta.input.name: np.ascontiguousarray(batch)})))
+        return dict(zip(self.output_names, self.session.run(None, {self.meta.input.name: np.ascontiguousarray(batch)})))
 
     def post_process(self, outputs: dict[str, np.ndarray], row: int, located: Located) -> Prediction:
         """One frame's prediction from row ``row`` of the batch outputs."""

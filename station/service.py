@@ -172,17 +172,18 @@ class Station:
     def header(self, camera: CameraSettings, seq: int, frame: SourceFrame | None, *, cell: str, lot: str, views: int,
                trigger: str, dropped: str | None = None) -> FrameHeader:
         """The wire header of one view (``frame`` None: a notice for a view never captured)."""
-        now_ns, now = time.monotonic_ns(), time.time()
-        return FrameHeader(
-            v=1, station=self.config.name, camera=camera.name, lot=lot, cell=cell, view=camera.view, views=views,
-            seq=seq, t_mono_ns=frame.t_mono_ns if frame else now_ns, t_wall=frame.t_wall if frame else now,
-            exposure=frame.exposure if frame else None, gain=frame.gain if frame else None, trigger=trigger,
-            encoding=frame.encoding if frame else "jpeg", width=frame.width if frame else 1,
-            height=frame.height if frame else 1, channels=frame.channels if frame else 3,
-            dtype=str(np.asarray(frame.payload).dtype) if frame and frame.encoding == "raw" else "uint8",
-            nbytes=0 if frame is None else (frame.payload.nbytes if isinstance(frame.payload, np.ndarray) else len(frame.payload)),
-            dropped=dropped, truth=FrameTruth.model_validate(frame.truth) if frame and frame.truth else None,
-        )
+        if frame is None:
+            taken = dict(t_mono_ns=time.monotonic_ns(), t_wall=time.time(), exposure=None, gain=None, encoding="jpeg",
+                         width=1, height=1, channels=3, dtype="uint8", nbytes=0, truth=None)
+        else:
+            raw = isinstance(frame.payload, np.ndarray)
+            taken = dict(t_mono_ns=frame.t_mono_ns, t_wall=frame.t_wall, exposure=frame.exposure, gain=frame.gain,
+                         encoding=frame.encoding, width=frame.width, height=frame.height, channels=frame.channels,
+                         dtype=str(frame.payload.dtype) if raw else "uint8",
+                         nbytes=frame.payload.nbytes if raw else len(frame.payload),
+                         truth=FrameTruth.model_validate(frame.truth) if frame.truth else None)
+        return FrameHeader(v=1, station=self.config.name, camera=camera.name, lot=lot, cell=cell, view=camera.view,
+                           views=views, seq=seq, trigger=trigger, dropped=dropped, **taken)
 
     def trigger(self, lot: str | None = None, cell: str | None = None) -> OpenCell:
         """A cell arrived (from the PLC, HTTP or a test)."""

@@ -251,6 +251,8 @@ class FrameServer:
 
     def _bound(self, camera: str) -> None:
         """Newest policy: past the bound, the camera's oldest waiting frame becomes a notice."""
+        if len(self._pending) <= self.settings.max_pending:
+            return  # the usual case: no camera can be over its bound, so no scan
         waiting = [i for i, item in enumerate(self._pending) if item.header.camera == camera and not item.notice]
         if len(waiting) > self.settings.max_pending:
             index = waiting[0]
@@ -288,7 +290,7 @@ class FrameServer:
             if worker is not None:
                 worker.last_seen = now
             for key in message.keys:
-                self._finish(tuple(key))  # type: ignore[arg-type]
+                self._finish(tuple(key), worker)  # type: ignore[arg-type]
         else:
             self.rejected.record(ProtocolError("unexpected", f"a worker sent a {type(message).__name__} message"))
 
@@ -301,8 +303,10 @@ class FrameServer:
         self._count("workers_joined")
         log.info("station %s: worker %s (session %s) joined with capacity %d", self.station, name, session, capacity)
 
-    def _finish(self, key: Key) -> None:
-        for worker in self._workers.values():
+    def _finish(self, key: Key, sender: _Worker | None) -> None:
+        # The sender holds it, unless it reconnected under a new identity since it took it.
+        holders = [sender] if sender is not None and key in sender.held else self._workers.values()
+        for worker in holders:
             item = worker.held.pop(key, None)
             if item is not None:
                 self._count("notices_done" if item.notice else "done", key[1])
