@@ -14,6 +14,7 @@ from pouchline.datasets.importer import import_dataset
 from pouchline.datasets.manifest import DatasetError
 from pouchline.datasets.records import DEFORMATION_KINDS
 from pouchline.datasets.render import VIEWS
+from pouchline.datasets.scene import COSMETIC_RATE
 from pouchline.datasets.sheet import contact_sheet
 from pouchline.datasets.spec import CellSpec
 from pouchline.datasets.summary import render_summary, summarize
@@ -58,6 +59,9 @@ def synth(
     defect_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of defective cells.")] = 0.3,
     domain: Annotated[str, typer.Option(help=f"Appearance domain: {', '.join(BUILTIN_DOMAINS)} or a JSON file.")] = "default",
     kinds: Annotated[str, typer.Option(help="Comma-separated deformation kinds to draw from.")] = ",".join(DEFORMATION_KINDS),
+    cosmetic_rate: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of good cells with one in-spec cosmetic mark.")
+    ] = COSMETIC_RATE,
     spec: Annotated[Path | None, typer.Option(help="Cell spec JSON (default: the built-in PL-5060100).")] = None,
     workers: Annotated[int, typer.Option(min=0, help="Render processes; 0 = one per CPU.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run with the same settings.")] = False,
@@ -68,7 +72,7 @@ def synth(
     try:
         config = SynthConfig(
             count=count, seed=seed, views=views, size=_size(size), defect_rate=defect_rate,
-            domain=load_domain(domain), spec=_spec(spec), kinds=chosen,
+            domain=load_domain(domain), spec=_spec(spec), kinds=chosen, cosmetic_rate=cosmetic_rate,
         )
         unknown = set(chosen) - set(DEFORMATION_KINDS)
         if unknown:

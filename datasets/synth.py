@@ -21,7 +21,7 @@ from pouchline.datasets.domain import Domain, load_domain
 from pouchline.datasets.manifest import MANIFEST, DatasetError, DatasetReader, DatasetWriter
 from pouchline.datasets.records import DEFORMATION_KINDS, SYNTH_CLASSES, DatasetInfo
 from pouchline.datasets.render import VIEWS, ViewName, render
-from pouchline.datasets.scene import sample_scene
+from pouchline.datasets.scene import COSMETIC_RATE, sample_scene
 from pouchline.datasets.spec import CellSpec
 
 #: Synthetic capture clock: 2026-01-01T00:00:00Z plus the cell's index over the line rate.
@@ -40,6 +40,7 @@ class SynthConfig:
     domain: Domain = field(default_factory=lambda: load_domain("default"))
     spec: CellSpec = field(default_factory=CellSpec)
     kinds: tuple[str, ...] = DEFORMATION_KINDS
+    cosmetic_rate: float = COSMETIC_RATE
     lot_size: int = 200
     cells_per_s: float = 3.0
 
@@ -65,6 +66,7 @@ class SynthConfig:
             "defect_rate": self.defect_rate,
             "domain": self.domain.model_dump(),
             "kinds": list(self.kinds),
+            "cosmetic_rate": self.cosmetic_rate,
             "lot_size": self.lot_size,
             "cells_per_s": self.cells_per_s,
         }
@@ -88,7 +90,8 @@ def cell_id(seed: int, index: int) -> str:
 def render_cell(config: SynthConfig, index: int) -> list[dict[str, Any]]:
     """Every view of cell ``index`` as writer arguments (fields, JPEG and mask bytes)."""
     scene = sample_scene(
-        config.seed, index, spec=config.spec, domain=config.domain, defect_rate=config.defect_rate, kinds=config.kinds
+        config.seed, index, spec=config.spec, domain=config.domain, defect_rate=config.defect_rate, kinds=config.kinds,
+        cosmetic_rate=config.cosmetic_rate,
     )
     labels, severities = scene.labels()
     cell = cell_id(config.seed, index)

@@ -72,8 +72,8 @@ def bench_synth(
 @bench_app.command("transport")
 def bench_transport(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")] = None,
-    frames: Annotated[int, typer.Option(min=20, help="JPEG frames per saturation case.")] = 400,
-    raw_frames: Annotated[int, typer.Option(min=10, help="Raw frames per saturation case.")] = 150,
+    frames: Annotated[int, typer.Option(min=20, help="JPEG frames per saturation case.")] = 3000,
+    raw_frames: Annotated[int, typer.Option(min=10, help="Raw frames per saturation case.")] = 300,
     rate: Annotated[float, typer.Option(min=1, help="Offered frames/s in the paced (latency) cases.")] = 60.0,
     paced_frames: Annotated[int, typer.Option(min=10, help="Frames per paced case (p99 needs a few hundred).")] = 600,
 ) -> None:

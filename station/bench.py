@@ -1,7 +1,10 @@
 """`pouchline bench transport`: pouchline's transport against imagezmq, side by side on loopback.
 
 Each case runs the sender in this process and the receiver in a fresh process, on the same
-1920x1080 frame (a rendered cell as JPEG, and the same pixels raw):
+1920x1080 frame (a rendered cell as JPEG, and the same pixels raw). pouchline runs twice: as
+configured by default (sender and receiver share a host, so frames go through the station's
+shared-memory arena) and with the arena off (``pouchline_tcp``: every byte over the socket, as
+for a worker on another machine).
 
 * saturation: N frames as fast as the pair can go -> frames/s;
 * paced: frames offered at a fixed rate -> p50/p99 capture-to-receive latency.
@@ -32,8 +35,11 @@ from pouchline.inspect.benchreport import BenchReport
 from pouchline.station.protocol import FrameHeader
 from pouchline.station.transport import FrameClient, FrameServer, TransportSettings
 
-System = Literal["pouchline", "imagezmq_reqrep", "imagezmq_pubsub"]
-SYSTEMS: tuple[System, ...] = ("pouchline", "imagezmq_reqrep", "imagezmq_pubsub")
+System = Literal["pouchline", "pouchline_tcp", "imagezmq_reqrep", "imagezmq_pubsub"]
+#: ``pouchline`` is the default transport: same host, so frames go through the shared-memory
+#: arena; ``pouchline_tcp`` has the arena turned off (what a worker on another host gets).
+SYSTEMS: tuple[System, ...] = ("pouchline", "pouchline_tcp", "imagezmq_reqrep", "imagezmq_pubsub")
+_OURS = ("pouchline", "pouchline_tcp")
 _IDLE_S = 3.0  # a receiver that hears nothing this long has seen everything it will
 _CAPACITY = 16  # frames a pouchline receiver may hold (its credit)
 
@@ -86,10 +92,10 @@ def _receive(system: System, endpoint: str, frames: int, raw: bool, conn: Connec
     notices = 0
     first_sent = last = None
     cpu = time.process_time()
-    if system == "pouchline":
+    if system in _OURS:
         # A micro-batching consumer, as an inspection worker is: take what has arrived, hand
         # the credit back for all of it at once.
-        client = FrameClient([endpoint], name="bench", capacity=_CAPACITY)
+        client = FrameClient([endpoint], name="bench", capacity=_CAPACITY, zero_copy=True)
         conn.send_bytes(b"ready")
         idle_since = time.monotonic()
         while len(latencies) + notices < frames and time.monotonic() - idle_since < _IDLE_S:
@@ -147,8 +153,9 @@ def _run_case(case: Case, image: np.ndarray, jpeg: bytes) -> dict[str, Any]:
     process = multiprocessing.get_context("spawn").Process(
         target=_receive, args=(case.system, endpoint, case.frames, case.payload == "raw", child), daemon=True)
     extra: dict[str, Any] = {}
-    if case.system == "pouchline":
-        server = FrameServer(endpoint, station="bench", settings=TransportSettings(max_pending=64))
+    if case.system in _OURS:
+        arena_mb = TransportSettings().arena_mb if case.system == "pouchline" else 0
+        server = FrameServer(endpoint, station="bench", settings=TransportSettings(max_pending=64, arena_mb=arena_mb))
         process.start()
         parent.recv_bytes()
         while not server.stats()["workers"]:
@@ -203,7 +210,7 @@ def decode_encode_cpu_ms(jpeg: bytes, repeats: int = 20) -> float:
     return 1000 * (time.process_time() - cpu) / repeats
 
 
-def run(*, frames: int = 400, raw_frames: int = 150, paced_frames: int = 600, rate: float = 60.0) -> BenchReport:
+def run(*, frames: int = 3000, raw_frames: int = 300, paced_frames: int = 600, rate: float = 60.0) -> BenchReport:
     """Every system x payload x mode, then the passthrough CPU comparison."""
     image, jpeg = test_frame()
     cases = [Case(system, payload, "saturation", frames if payload == "jpeg" else raw_frames)
@@ -217,11 +224,12 @@ def run(*, frames: int = 400, raw_frames: int = 150, paced_frames: int = 600, ra
             bar.advance(task)
     rows = {row["case"]: row for row in report.results}
     ours, theirs = rows["pouchline jpeg saturation"], rows["imagezmq_reqrep jpeg saturation"]
+    tcp = rows["pouchline_tcp jpeg saturation"]
     paced, paced_theirs = rows["pouchline jpeg paced"], rows["imagezmq_reqrep jpeg paced"]
     passthrough_ms = ours["sender_cpu_ms_per_frame"]
     decode_encode_ms = decode_encode_cpu_ms(jpeg)
     report.figures = {
-        "silent_drops": sum(row["silent_drops"] for row in report.results if row["system"] == "pouchline"),
+        "silent_drops": sum(row["silent_drops"] for row in report.results if row["system"] in _OURS),
         "imagezmq_pubsub_silent_drops": sum(row["silent_drops"] for row in report.results if row["system"] == "imagezmq_pubsub"),
         "fps_jpeg_1080p": ours["frames_per_s"], "fps_raw_1080p": rows["pouchline raw saturation"]["frames_per_s"],
         "p99_ms_jpeg_paced": paced["p99_ms"], "jpeg_bytes": len(jpeg), "paced_rate_fps": rate,
@@ -232,6 +240,8 @@ def run(*, frames: int = 400, raw_frames: int = 150, paced_frames: int = 600, ra
         "p99_vs_imagezmq_reqrep_jpeg": paced["p99_ms"] / paced_theirs["p99_ms"],
         "fps_vs_imagezmq_reqrep_raw": rows["pouchline raw saturation"]["frames_per_s"]
         / rows["imagezmq_reqrep raw saturation"]["frames_per_s"],
+        "fps_vs_imagezmq_reqrep_jpeg_tcp": tcp["frames_per_s"] / theirs["frames_per_s"],
+        "p99_vs_imagezmq_reqrep_jpeg_tcp": rows["pouchline_tcp jpeg paced"]["p99_ms"] / paced_theirs["p99_ms"],
         "passthrough_cpu_vs_decode_encode": passthrough_ms / decode_encode_ms,
     }
     return report

@@ -1,7 +1,9 @@
 """Wire protocol between camera stations and inspection workers: ZeroMQ multipart messages.
 
 A frame is ``[FRAME_MAGIC, msgpack(header), payload]`` -- the image bytes travel as their own
-part, so neither side copies or re-encodes them. A control message is
+part, so neither side copies or re-encodes them. A frame by reference is
+``[REFERENCE_MAGIC, msgpack(header), reference]``: its bytes wait in the station's shared-memory
+arena (`pouchline.station.arena`), for workers on the station's host. A control message is
 ``[CONTROL_MAGIC, msgpack(body)]``. `station/PROTOCOL.md` documents every field.
 
 Messages cross process and machine boundaries, so `decode` trusts nothing: sizes are checked
@@ -17,9 +19,9 @@ import logging
 import reprlib
 import threading
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Protocol
 
 import cv2
 import msgpack
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 FRAME_MAGIC = b"PLF1"
 CONTROL_MAGIC = b"PLC1"
+REFERENCE_MAGIC = b"PLR1"
 
 #: Every `ProtocolError.kind`; stable, because status pages and alarms count by them.
 PROTOCOL_ERROR_KINDS: tuple[str, ...] = (
@@ -58,6 +61,8 @@ PROTOCOL_ERROR_KINDS: tuple[str, ...] = (
     "control_too_large",
     "control_undecodable",
     "control_invalid",
+    "arena_invalid",
+    "arena_stale",
     "unexpected",  # well-formed, but not a message this receiver accepts (raised by the transport)
 )
 
@@ -88,6 +93,8 @@ def _identifier(value: str, info: ValidationInfo) -> str:
 #: Station, camera, lot, cell and view ids end up in file names and topics (see check_identifier).
 Identifier = Annotated[str, AfterValidator(_identifier)]
 Session = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+#: File name of a station's arena: plain characters, no path.
+ArenaName = Annotated[str, Field(pattern=r"^pouchline-[A-Za-z0-9._-]{1,200}$")]
 #: msgpack has no tuple: a key arrives as a 3-element array.
 Key = Annotated[
     tuple[Identifier, Identifier, Annotated[int, Field(ge=0, le=_INT64_MAX)]],
@@ -197,16 +204,28 @@ def _payload_problem(header: FrameHeader, payload: memoryview) -> str | None:
 
 @dataclass(frozen=True)
 class Frame:
-    """A decoded frame message; ``payload`` is a view of the received buffer, not a copy."""
+    """A decoded frame message; ``payload`` is a view of the received buffer, not a copy.
+
+    For a frame that came by reference the buffer is the station's shared-memory arena, and
+    ``lease`` checks that the station has not reused it (see `verify`).
+    """
 
     header: FrameHeader
     payload: memoryview
+    lease: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+
+    def verify(self) -> None:
+        """Raise ``ProtocolError('arena_stale')`` if the bytes were overwritten while this worker
+        held them (it was presumed dead and the frame redelivered). Call it after using
+        ``payload`` directly; `image` calls it itself. Inline frames always pass."""
+        if self.lease is not None:
+            self.lease()
 
     def image(self) -> np.ndarray:
         """The pixels, exactly ``header.shape`` and ``header.dtype``, so workers need no checks of their own.
 
         An alpha channel (PNG) is dropped. Raw frames are a view of the message buffer (read-only
-        when the buffer is): copy before drawing on them.
+        when the buffer is; a copy for frames from the arena): copy before drawing on them.
         """
         header = self.header
         what = f"frame {header.key} ({header.encoding}, {len(self.payload)} bytes)"
@@ -214,8 +233,13 @@ class Frame:
             raise ProtocolError("payload_undecodable", f"{what} was dropped by the station ({header.dropped})")
         try:
             if header.encoding == "raw":
-                return np.frombuffer(self.payload, _wire_dtype(header)).reshape(header.shape)
+                pixels = np.frombuffer(self.payload, _wire_dtype(header)).reshape(header.shape)
+                if self.lease is not None:
+                    pixels = pixels.copy()
+                    self.lease()
+                return pixels
             image = cv2.imdecode(np.frombuffer(self.payload, np.uint8), cv2.IMREAD_UNCHANGED)
+            self.verify()
         except (cv2.error, ValueError) as error:
             raise ProtocolError("payload_undecodable", f"{what} cannot be decoded: {error}") from error
         if image is None:
@@ -228,6 +252,36 @@ class Frame:
         return image
 
 
+class ArenaSource(Protocol):
+    """What a frame by reference is resolved against (`pouchline.station.arena.ArenaReader`)."""
+
+    def view(self, reference: memoryview, nbytes: int, what: str) -> tuple[memoryview, Callable[[], None]]: ...
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    """A frame whose bytes wait in the station's shared-memory arena; ``reference`` says where."""
+
+    header: FrameHeader
+    reference: memoryview
+
+    def resolve(self, arena: ArenaSource, *, zero_copy: bool = False) -> Frame:
+        """The frame, checked against its header as `decode` checks an inline payload;
+        `ProtocolError` (``arena_*``, ``payload_mismatch``) otherwise.
+
+        By default the bytes are copied out, so the payload stays valid for good. With
+        ``zero_copy`` the payload views the arena: valid only until the worker is done with
+        the frame, and `Frame.image`/`Frame.verify` refuse it if the station reused it."""
+        header = self.header
+        view, lease = arena.view(self.reference, header.nbytes, f"frame {header.key}")
+        payload = view if zero_copy else memoryview(bytes(view))
+        problem = _payload_problem(header, payload)
+        lease()  # the copy or the checks above read the bytes: they must still have been this frame's
+        if problem is not None:
+            raise ProtocolError("payload_mismatch", f"frame {header.key}: {problem}")
+        return Frame(header, payload, lease if zero_copy else None)
+
+
 class Hello(BaseModel):
     """A worker (re)joins a station; a new session tells the station that what it held is lost."""
 
@@ -237,6 +291,9 @@ class Hello(BaseModel):
     worker: Identifier = Field(description="Worker name, stable across restarts.")
     session: Session = Field(description="Random per worker process; changes when the worker restarts.")
     capacity: int = Field(ge=1, le=1024, description="Frames the worker may hold at once (its credit).")
+    arena: ArenaName | None = Field(
+        None, description="The station arena this worker has mapped (same host): frames may come by reference."
+    )
 
 
 class Heartbeat(BaseModel):
@@ -249,6 +306,9 @@ class Heartbeat(BaseModel):
     session: Session = Field(description="The sender's session (see Hello).")
     busy: int = Field(ge=0, description="Frames the sender holds now (0 from a station).")
     capacity: int = Field(ge=0, le=1024, description="The sender's credit (0 from a station).")
+    arena: ArenaName | None = Field(
+        None, description="A station's shared-memory arena, for workers on its host to map (None from workers)."
+    )
 
 
 class Done(BaseModel):
@@ -363,17 +423,21 @@ def _describe(error: ValidationError, most: int = 5) -> str:
     return "; ".join(problems) + (f"; and {more} more" if more > 0 else "")
 
 
-def decode(parts: Sequence[object], limits: Limits = DEFAULT_LIMITS) -> Frame | Control:
-    """A validated `Frame` or control message from received parts; anything else is a `ProtocolError`."""
+def decode(parts: Sequence[object], limits: Limits = DEFAULT_LIMITS) -> Frame | FrameRef | Control:
+    """A validated `Frame`, `FrameRef` or control message from received parts; anything else is a
+    `ProtocolError`. A `FrameRef`'s payload is checked when it is resolved against its arena."""
     try:
         views = [_as_bytes(part, index) for index, part in enumerate(parts)]
     except TypeError as error:
         raise ProtocolError("parts", f"message is a {type(parts).__name__}, not a list of parts") from error
     if len(views) not in (2, 3):
         raise ProtocolError("parts", f"message has {len(views)} parts; frames have 3, control messages 2")
-    magic, expected = (FRAME_MAGIC, "frame") if len(views) == 3 else (CONTROL_MAGIC, "control message")
+    if len(views) == 3 and views[0] == REFERENCE_MAGIC:
+        magic, expected = REFERENCE_MAGIC, "frame"
+    else:
+        magic, expected = (FRAME_MAGIC, "frame") if len(views) == 3 else (CONTROL_MAGIC, "control message")
     if views[0] != magic:
-        if views[0] in (FRAME_MAGIC, CONTROL_MAGIC):
+        if views[0] in (FRAME_MAGIC, CONTROL_MAGIC, REFERENCE_MAGIC):
             raise ProtocolError("parts", f"message with magic {bytes(views[0])!r} has {len(views)} parts")
         raise ProtocolError("magic", f"first part {bytes(views[0][:16])!r} is not the {expected} magic {magic!r}")
     if len(views) == 2:
@@ -391,6 +455,12 @@ def decode(parts: Sequence[object], limits: Limits = DEFAULT_LIMITS) -> Frame | 
         header = FrameHeader.model_validate(body)
     except ValidationError as error:
         raise ProtocolError("header_invalid", f"frame header: {_describe(error)}") from error
+    if magic == REFERENCE_MAGIC:
+        if header.dropped is not None or header.nbytes == 0 or header.nbytes > limits.max_payload_bytes:
+            raise ProtocolError("payload_mismatch", f"frame {header.key}: a frame by reference needs 1 to "
+                                                    f"{limits.max_payload_bytes} bytes, header says {header.nbytes}"
+                                                    f"{' and dropped' if header.dropped else ''}")
+        return FrameRef(header, payload)
     problem = _payload_problem(header, payload)
     if problem is not None:
         raise ProtocolError("payload_mismatch", f"frame {header.key}: {problem}")

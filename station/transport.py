@@ -18,6 +18,12 @@ When workers fall behind, frames pile up in the station's pending queue, bounded
   and no image -- which is delivered to a worker like a frame, so the cell it belonged to
   becomes a fail-safe reject downstream. Drops are never silent.
 
+Same host: a station keeps a shared-memory arena (`pouchline.station.arena`) and names it in
+its heartbeats. A worker that can map it says so in its hello, and from then on gets each
+frame as header plus a 24-byte reference instead of the bytes, which skips two kernel copies
+and both ZeroMQ I/O threads per frame. Workers on other hosts, and frames the arena has no
+room for, get the bytes inline; nothing else changes (credit, redelivery, drop notices).
+
 Liveness: both sides send heartbeats every ``heartbeat_s``; a peer silent for ``timeout_s``
 is gone. The frames a gone worker held go back to the front of the pending queue and are
 delivered again (at most ``max_redeliveries`` times, then they become drop notices); a
@@ -42,11 +48,14 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
+from pouchline.station.arena import ArenaReader, ArenaWriter, Region
 from pouchline.station.curve import CurveClientConfig, CurveServerConfig, secure_client, secure_server
 from pouchline.station.protocol import (
     Done,
+    REFERENCE_MAGIC,
     Frame,
     FrameHeader,
+    FrameRef,
     Heartbeat,
     Hello,
     ProtocolError,
@@ -74,6 +83,11 @@ class TransportSettings(BaseModel):
     max_pending: int = Field(64, ge=1, le=100_000, description="Frames per camera that may wait for a free worker.")
     max_redeliveries: int = Field(2, ge=0, le=100, description="Deliveries after the first before a frame is given up (and reported).")
     shutdown_grace_s: float = Field(2.0, ge=0, le=600, description="How long a closing station keeps delivering what it holds.")
+    arena_mb: int = Field(
+        128, ge=0, le=65536,
+        description="Shared-memory arena (MiB) through which workers on the station's host get frame bytes "
+        "without the socket; 0 sends every frame over the socket.",
+    )
 
 
 @dataclass
@@ -84,10 +98,15 @@ class _Item:
     parts: list[Any]
     policy: Policy
     deliveries: int = 0
+    region: Region | None = None  # the bytes' copy in the arena, for workers on this host
 
     @property
     def notice(self) -> bool:
         return self.header.dropped is not None
+
+    def by_reference(self, tag: bytes) -> list[Any]:
+        assert self.region is not None
+        return [REFERENCE_MAGIC, self.parts[1], self.region.reference(tag)]
 
 
 @dataclass
@@ -97,16 +116,12 @@ class _Worker:
     session: str
     capacity: int
     last_seen: float
+    local: bool = False  # has mapped the station's arena
     held: dict[Key, _Item] = field(default_factory=dict)
 
     @property
     def free(self) -> int:
         return self.capacity - len(self.held)
-
-
-def _drop_notice(item: _Item, reason: str) -> _Item:
-    header = item.header.model_copy(update={"dropped": reason, "nbytes": 0})
-    return _Item(header, encode_frame(header, b""), item.policy, item.deliveries)
 
 
 class FrameServer:
@@ -126,6 +141,8 @@ class FrameServer:
         self._authenticator = secure_server(self._router, curve) if curve is not None else None
         self._router.bind(endpoint)
         self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._arena = self._open_arena()
+        self._local_workers = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -144,6 +161,15 @@ class FrameServer:
         self._thread = threading.Thread(target=self._run, name=f"frame-server-{station}", daemon=True)
         self._thread.start()
 
+    def _open_arena(self) -> ArenaWriter | None:
+        if not self.settings.arena_mb:
+            return None
+        try:
+            return ArenaWriter(self.station, self.session, self.settings.arena_mb << 20)
+        except OSError as error:
+            log.warning("station %s: no shared-memory arena (%s); every frame goes over the socket", self.station, error)
+            return None
+
     # -- capture side (any thread) ---------------------------------------------------------
     def submit(self, header: FrameHeader, payload: bytes | memoryview | np.ndarray, *, policy: Policy = "every",
                timeout_s: float | None = None) -> bool:
@@ -153,6 +179,8 @@ class FrameServer:
         if not self._accepting:
             raise RuntimeError(f"frame server of station {self.station!r} is closed")
         item = _Item(header, encode_frame(header, payload), policy)
+        if self._arena is not None and self._local_workers and header.nbytes:
+            item.region = self._arena.put(item.parts[2])  # None when full: the frame goes inline
         if policy == "every":
             slot = self._slot(header.camera)
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -177,7 +205,7 @@ class FrameServer:
         with self._lock:
             counts = dict(self._stats)
             cameras = {camera: dict(counts) for camera, counts in self._per_camera.items()}
-            workers = [{"name": w.name, "session": w.session, "capacity": w.capacity, "held": len(w.held),
+            workers = [{"name": w.name, "session": w.session, "capacity": w.capacity, "held": len(w.held), "local": w.local,
                         "silent_s": round(now - w.last_seen, 3)} for w in self._workers.values()]
             pending = len(self._pending)
         return {
@@ -199,6 +227,8 @@ class FrameServer:
             self._authenticator.stop()
         self._router.close(linger=0)
         self._context.term()
+        if self._arena is not None:
+            self._arena.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         return self.stats()
@@ -257,7 +287,7 @@ class FrameServer:
         if len(waiting) > self.settings.max_pending:
             index = waiting[0]
             item = self._pending[index]
-            self._pending[index] = _drop_notice(item, "queue_full")
+            self._pending[index] = self._drop_notice(item, "queue_full")
             self._count("dropped_queue_full", camera)
             if self._stats["dropped_queue_full"] == 1:
                 log.warning("station %s: workers are behind; dropping the oldest frames of camera %s "
@@ -282,9 +312,10 @@ class FrameServer:
             name = message.worker if isinstance(message, Hello) else message.sender
             worker = self._workers.get(identity)
             if worker is None or worker.session != message.session:
-                self._register(identity, name, message.session, message.capacity, now)
-            else:
-                worker.last_seen = now
+                worker = self._register(identity, name, message.session, message.capacity, now)
+            worker.last_seen = now
+            if isinstance(message, Hello):
+                self._set_local(worker, self._arena is not None and message.arena == self._arena.name)
         elif isinstance(message, Done):
             worker = self._workers.get(identity)
             if worker is not None:
@@ -294,14 +325,39 @@ class FrameServer:
         else:
             self.rejected.record(ProtocolError("unexpected", f"a worker sent a {type(message).__name__} message"))
 
-    def _register(self, identity: bytes, name: str, session: str, capacity: int, now: float) -> None:
+    def _register(self, identity: bytes, name: str, session: str, capacity: int, now: float) -> _Worker:
         """A new worker, or one that restarted: whatever an earlier session held is lost with it."""
         for old_identity, old in list(self._workers.items()):
             if old_identity == identity or (old.name == name and old.session != session):
                 self._forget(old_identity, "restarted")
-        self._workers[identity] = _Worker(identity, name, session, capacity, now)
+        worker = self._workers[identity] = _Worker(identity, name, session, capacity, now)
         self._count("workers_joined")
         log.info("station %s: worker %s (session %s) joined with capacity %d", self.station, name, session, capacity)
+        self._send(identity, self._heartbeat())  # at once, so it learns about the arena without waiting a beat
+        return worker
+
+    def _set_local(self, worker: _Worker, local: bool) -> None:
+        if worker.local != local:
+            worker.local = local
+            self._local_workers += 1 if local else -1
+            log.info("station %s: worker %s %s the shared-memory arena", self.station, worker.name,
+                     "maps" if local else "does not map")
+
+    def _heartbeat(self) -> list[Any]:
+        arena = None if self._arena is None else self._arena.name
+        return encode_control(Heartbeat(type="heartbeat", sender=self.station, session=self.session, busy=0,
+                                        capacity=0, arena=arena))
+
+    def _release(self, item: _Item) -> None:
+        """The station is done with the frame's bytes in the arena."""
+        if item.region is not None and self._arena is not None:
+            self._arena.free(item.region)
+            item.region = None
+
+    def _drop_notice(self, item: _Item, reason: str) -> _Item:
+        self._release(item)
+        header = item.header.model_copy(update={"dropped": reason, "nbytes": 0})
+        return _Item(header, encode_frame(header, b""), item.policy, item.deliveries)
 
     def _finish(self, key: Key, sender: _Worker | None) -> None:
         # The sender holds it, unless it reconnected under a new identity since it took it.
@@ -309,18 +365,20 @@ class FrameServer:
         for worker in holders:
             item = worker.held.pop(key, None)
             if item is not None:
+                self._release(item)
                 self._count("notices_done" if item.notice else "done", key[1])
                 return
         self._count("done_unknown")  # from before a restart, or a duplicate after redelivery
 
     def _forget(self, identity: bytes, why: str) -> None:
         worker = self._workers.pop(identity)
+        self._set_local(worker, False)
         if worker.held:
             log.warning("station %s: worker %s %s holding %d frames; delivering them again",
                         self.station, worker.name, why, len(worker.held))
         for item in reversed(list(worker.held.values())):
             if item.deliveries > self.settings.max_redeliveries and not item.notice:
-                item = _drop_notice(item, "redelivery_limit")
+                item = self._drop_notice(item, "redelivery_limit")
                 self._count("dropped_redelivery_limit", item.header.camera)
             self._pending.appendleft(item)
             self._count("redelivered", item.header.camera)
@@ -332,9 +390,9 @@ class FrameServer:
                 self._forget(identity, "timed_out")
 
     def _beat(self) -> None:
+        beat = self._heartbeat()
         for identity in list(self._workers):
-            beat = Heartbeat(type="heartbeat", sender=self.station, session=self.session, busy=0, capacity=0)
-            self._send(identity, encode_control(beat))
+            self._send(identity, beat)
 
     def _send(self, identity: bytes, parts: list[Any]) -> bool:
         try:
@@ -365,7 +423,10 @@ class FrameServer:
                 self._slot(item.header.camera).release()  # the producer may go on
             item.deliveries += 1
             worker.held[key] = item
-            if self._send(worker.identity, item.parts):
+            parts = item.parts
+            if worker.local and item.region is not None and self._arena is not None:
+                parts = item.by_reference(self._arena.tag)
+            if self._send(worker.identity, parts):
                 self._count("notices_sent" if item.notice else "sent", item.header.camera)
 
     def _report_undelivered(self) -> None:
@@ -385,6 +446,8 @@ class _Link:
     station_session: str | None = None
     last_seen: float = field(default_factory=time.monotonic)
     next_beat: float = 0.0
+    arena: ArenaReader | None = None  # the station's shared memory, when it is on this host
+    arena_tried: str | None = None  # the arena name last tried (not retried every heartbeat)
 
 
 class FrameClient:
@@ -392,14 +455,21 @@ class FrameClient:
 
     Single-threaded: the worker loop calls `receive` and `done`; heartbeats and reconnects
     happen inside `receive`, so a worker must call it at least every ``heartbeat_s``.
+
+    ``shared_memory``: map the arena of a station on this host (frames skip the socket).
+    ``zero_copy``: frames from the arena are not copied out; their payload is valid only until
+    `done` for them (`Frame.image` and `Frame.verify` refuse bytes the station reused). For
+    workers that finish with a frame before they say done, as inspection workers do.
     """
 
     def __init__(self, endpoints: list[str], *, name: str, capacity: int = 4, settings: TransportSettings | None = None,
-                 curve: CurveClientConfig | None = None) -> None:
+                 curve: CurveClientConfig | None = None, shared_memory: bool = True, zero_copy: bool = False) -> None:
         if not endpoints:
             raise ValueError("a frame client needs at least one station endpoint")
         self.name = name
         self.capacity = capacity
+        self.shared_memory = shared_memory
+        self.zero_copy = zero_copy
         self.settings = settings or TransportSettings()
         self.curve = curve
         self.rejected = RejectCounter()
@@ -420,8 +490,30 @@ class FrameClient:
             secure_client(socket, self.curve)
         socket.connect(endpoint)
         link = _Link(endpoint, socket, session)
-        self._say(link, Hello(type="hello", worker=self.name, session=session, capacity=self.capacity))
+        self._hello(link)
         return link
+
+    def _hello(self, link: _Link) -> None:
+        arena = None if link.arena is None else link.arena.name
+        self._say(link, Hello(type="hello", worker=self.name, session=link.session, capacity=self.capacity, arena=arena))
+
+    def _attach(self, link: _Link, beat: Heartbeat) -> bool:
+        """Map the station's arena if it is on this host (a new station session brings a new one);
+        True when a new arena was mapped, which the station must hear about."""
+        if link.arena is not None and link.arena.name != beat.arena:
+            link.arena.close()
+            link.arena = None
+        if not self.shared_memory or beat.arena is None or beat.arena == link.arena_tried:
+            return False
+        link.arena_tried = beat.arena
+        try:
+            link.arena = ArenaReader(beat.arena, beat.session)
+        except (OSError, ValueError) as error:  # another host (or another /dev/shm): frames come inline
+            log.info("worker %s: station arena %s not mapped (%s); frames come over the socket", self.name,
+                     beat.arena, error)
+            return False
+        self.stats["arena_attached"] += 1
+        return True
 
     def _make_poller(self) -> zmq.Poller:
         poller = zmq.Poller()
@@ -471,6 +563,11 @@ class FrameClient:
                 return None
             try:
                 message = decode(parts)
+                if isinstance(message, FrameRef):
+                    if link.arena is None:
+                        raise ProtocolError("arena_invalid", f"frame {message.header.key} came by reference, "
+                                                             "but no arena of its station is mapped here")
+                    message = message.resolve(link.arena, zero_copy=self.zero_copy)
             except ProtocolError as error:
                 self.rejected.record(error)
                 continue
@@ -480,10 +577,12 @@ class FrameClient:
                 self.stats["notices" if message.header.dropped else "frames"] += 1
                 return message
             if isinstance(message, Heartbeat):
-                if link.station_session not in (None, message.session):
-                    self.stats["station_restarts"] += 1  # a new station process: say hello again
-                    self._say(link, Hello(type="hello", worker=self.name, session=link.session, capacity=self.capacity))
+                restarted = link.station_session not in (None, message.session)
                 link.station_session = message.session
+                if restarted:
+                    self.stats["station_restarts"] += 1  # a new station process: say hello again
+                if self._attach(link, message) or restarted:
+                    self._hello(link)
             else:
                 self.rejected.record(ProtocolError("unexpected", f"a station sent a {type(message).__name__} message"))
 
@@ -495,6 +594,8 @@ class FrameClient:
                             now - link.last_seen)
                 self.stats["reconnects"] += 1
                 link.socket.close(linger=0)
+                if link.arena is not None:
+                    link.arena.close()
                 self._links[index] = link = self._connect(link.endpoint)
                 self._poller = self._make_poller()
             if now >= link.next_beat:
@@ -521,5 +622,7 @@ class FrameClient:
     def close(self) -> None:
         for link in self._links:
             link.socket.close(linger=0)
+            if link.arena is not None:
+                link.arena.close()
         self._context.term()
 

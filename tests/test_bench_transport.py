@@ -14,9 +14,11 @@ def test_transport_bench_reports_every_case_and_no_silent_drop(tmp_path: Path) -
     report = run(frames=24, raw_frames=8, paced_frames=12, rate=120.0)
     report.save(tmp_path / "transport.json")
     saved = json.loads((tmp_path / "transport.json").read_text())
-    assert saved["bench"] == "transport" and len(saved["results"]) == 9
-    assert {"fps_vs_imagezmq_reqrep_jpeg", "p99_vs_imagezmq_reqrep_jpeg", "passthrough_cpu_vs_decode_encode"} <= set(saved["ratios"])
+    assert saved["bench"] == "transport" and len(saved["results"]) == 12
+    assert {"fps_vs_imagezmq_reqrep_jpeg", "p99_vs_imagezmq_reqrep_jpeg", "passthrough_cpu_vs_decode_encode",
+            "fps_vs_imagezmq_reqrep_jpeg_tcp"} <= set(saved["ratios"])
     assert saved["figures"]["silent_drops"] == 0
-    ours = [row for row in saved["results"] if row["system"] == "pouchline"]
+    ours = [row for row in saved["results"] if row["system"] in ("pouchline", "pouchline_tcp")]
+    assert len(ours) == 6
     assert all(row["received"] == row["offered"] for row in ours)
     assert all(math.isfinite(value) and value > 0 for value in saved["ratios"].values())

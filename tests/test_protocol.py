@@ -21,13 +21,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from pouchline.station.arena import REFERENCE, ArenaReader, ArenaWriter
 from pouchline.station.protocol import (
     CONTROL_MAGIC,
     DEFAULT_LIMITS,
     FRAME_MAGIC,
+    REFERENCE_MAGIC,
     PROTOCOL_ERROR_KINDS,
     Done,
     Frame,
+    FrameRef,
     FrameHeader,
     FrameTruth,
     Heartbeat,
@@ -358,7 +361,8 @@ def test_undecodable_and_misdescribed_payloads_are_caught_by_image() -> None:
 
 def test_every_error_kind_is_produced_by_some_bad_message() -> None:
     produced = {kind for kind, *_ in BAD_MESSAGES} | {"payload_undecodable"}
-    assert produced == set(PROTOCOL_ERROR_KINDS) - {"unexpected"}  # "unexpected" is the transport's
+    # "unexpected" is the transport's; the arena kinds come from resolving references (test_arena.py)
+    assert produced == set(PROTOCOL_ERROR_KINDS) - {"unexpected", "arena_invalid", "arena_stale"}
 
 
 def test_protocol_errors_have_known_kinds_and_survive_copying() -> None:
@@ -417,7 +421,8 @@ def _packed(value: object) -> bytes:
 
 RANDOM_PARTS = st.one_of(
     st.lists(st.binary(max_size=40), max_size=5),
-    st.lists(st.sampled_from([FRAME_MAGIC, CONTROL_MAGIC, b"", b"PLF", JPEG[:4]]) | st.binary(max_size=8), max_size=4),
+    st.lists(st.sampled_from([FRAME_MAGIC, CONTROL_MAGIC, REFERENCE_MAGIC, b"", b"PLF", JPEG[:4]])
+             | st.binary(max_size=8), max_size=4),
     st.tuples(st.dictionaries(st.text(max_size=10), VALUES, max_size=6).map(_packed), st.binary(max_size=40))
     .map(lambda p: [FRAME_MAGIC, *p]),
     st.dictionaries(st.text(max_size=10), VALUES, max_size=6).map(lambda d: [CONTROL_MAGIC, _packed(d)]),
@@ -427,7 +432,28 @@ RANDOM_PARTS = st.one_of(
     .flatmap(lambda d: CONTROL_TYPES.map(lambda t: [CONTROL_MAGIC, _packed({"type": t, **d})])),
     st.dictionaries(st.sampled_from(sorted(HEADER_BODY)), VALUES, min_size=1, max_size=3)
     .map(lambda wrong: [FRAME_MAGIC, _packed({**HEADER_BODY, **wrong}), JPEG]),
+    # Frames by reference: offsets, generations and tags, right or wrong, into a real arena.
+    st.tuples(st.sampled_from([64, 65, 128, 0, 2**40]), st.sampled_from([1, 2, 0, 2**63]),
+              st.sampled_from([b"fuzz0000", b"other___"]), st.sampled_from([0, 1, 2, 200, 10**6]))
+    .map(lambda r: [REFERENCE_MAGIC, _packed({**HEADER_BODY, "nbytes": len(JPEG) + r[3] - 1 if r[3] else len(JPEG)}),
+                    REFERENCE.pack(r[0] if r[0] < 2**40 else r[0] - 1, r[1] if r[1] < 2**63 else r[1] - 1, r[2])]),
+    st.binary(max_size=30).map(lambda ref: [REFERENCE_MAGIC, _packed(HEADER_BODY), ref]),
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fuzz_arena():
+    """A real arena holding the test JPEG at offset 64 (generation 1): what references point into."""
+    global _ARENA
+    writer = ArenaWriter("fuzz", "fuzz0000", 1 << 20)
+    assert writer.put(memoryview(JPEG)).offset == 64
+    _ARENA = ArenaReader(writer.name, "fuzz0000")
+    yield
+    _ARENA.close()
+    writer.close()
+
+
+_ARENA: ArenaReader | None = None
 
 
 def _fuzz(run: Callable[..., None]) -> Counter[str]:
@@ -455,6 +481,10 @@ def _fuzz(run: Callable[..., None]) -> Counter[str]:
 
 def _assert_valid(message: object) -> None:
     """Whatever decode accepts is consistent, re-encodable, and decodes to itself again."""
+    if isinstance(message, FrameRef):
+        assert _ARENA is not None
+        message = message.resolve(_ARENA)  # ProtocolError (counted) for a reference that lies
+        assert bytes(message.payload) == JPEG
     if isinstance(message, Frame):
         assert len(message.payload) == message.header.nbytes
         assert decode(encode_frame(message.header, message.payload)) == message
@@ -471,7 +501,7 @@ def test_fuzz_random_part_lists(caplog: pytest.LogCaptureFixture) -> None:
         FUZZ(given(RANDOM_PARTS)(check))()
 
     seen = _fuzz(run)
-    assert {"parts", "magic", "header_undecodable", "header_invalid", "control_invalid"} <= set(seen), seen
+    assert {"parts", "magic", "header_undecodable", "header_invalid", "control_invalid", "arena_invalid"} <= set(seen), seen
     assert sum(1 for r in caplog.records if r.name == "pouchline.station.protocol") == len(seen), "once per kind"
 
 

@@ -82,6 +82,21 @@ def test_good_cells_include_in_spec_swelling() -> None:
     assert max(ok_swelling) <= SPEC.swelling_limit_mm
 
 
+def test_cosmetic_rate_sets_the_share_of_good_cells_with_an_in_spec_mark() -> None:
+    def marked(rate: float) -> float:
+        cells = [sample_scene(9, i, spec=SPEC, domain=DOMAIN, defect_rate=0.0, cosmetic_rate=rate) for i in range(600)]
+        assert all(c.labels()[0] == ["ok"] for c in cells)  # marks stay within spec: still good cells
+        return sum(1 for c in cells if c.deformations) / len(cells)
+
+    assert marked(0.0) == 0.0
+    assert 0.10 < marked(0.15) < 0.20 and 0.45 < marked(0.6) < 0.75
+    assert [scene(i) for i in range(5)] == [
+        sample_scene(1, i, spec=SPEC, domain=DOMAIN, defect_rate=0.3, cosmetic_rate=0.15) for i in range(5)
+    ]  # the default is the line's rate, so existing seeds render as before
+    with pytest.raises(ValueError, match="cosmetic_rate 1.5 must lie in"):
+        sample_scene(1, 0, spec=SPEC, domain=DOMAIN, defect_rate=0.3, cosmetic_rate=1.5)
+
+
 def side_thickness_mm(frame: RenderedFrame) -> float:
     """Thickness gauge reading from the side image: silhouette coverage summed per column."""
     grey = cv2.cvtColor(frame.image, cv2.COLOR_BGR2GRAY).astype(np.float64)
