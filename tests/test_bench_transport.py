@@ -20,5 +20,8 @@ def test_transport_bench_reports_every_case_and_no_silent_drop(tmp_path: Path) -
     assert saved["figures"]["silent_drops"] == 0
     ours = [row for row in saved["results"] if row["system"] in ("pouchline", "pouchline_tcp")]
     assert len(ours) == 6
+    saturated = [row for row in saved["results"] if row["mode"] == "saturation"]
+    assert all(len(row["runs_frames_per_s"]) == 3 and min(row["runs_frames_per_s"]) <= round(row["frames_per_s"])
+               <= max(row["runs_frames_per_s"]) for row in saturated)  # the median of three runs
     assert all(row["received"] == row["offered"] for row in ours)
     assert all(math.isfinite(value) and value > 0 for value in saved["ratios"].values())
