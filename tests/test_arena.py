@@ -223,3 +223,34 @@ def test_a_station_whose_arena_does_not_fit_in_shared_memory_sends_inline(caplog
     finally:
         client.close()
         server.close()
+
+
+def test_after_a_station_restart_the_worker_maps_the_new_arena_and_frames_come_by_reference_again() -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    station = FrameServer(endpoint, station="st1", settings=FAST)
+    client = FrameClient([endpoint], name="w", capacity=4, settings=FAST)
+    try:
+        client.receive(0.3)
+        assert wait_for(lambda: station.stats()["workers"] and station.stats()["workers"][0]["local"])
+        station.submit(header(0), JPEG)
+        assert len(_collect(client, 1)) == 1
+        old_arena = station._arena.path
+        station.close(grace_s=0.5)
+        assert not old_arena.exists()
+        restarted = FrameServer(endpoint, station="st1", settings=FAST)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (restarted.stats()["workers"]
+                                                       and restarted.stats()["workers"][0]["local"]):
+                client.receive(0.05)  # heartbeats: the new session, the new arena, hello again
+            assert restarted.stats()["workers"][0]["local"], client.stats
+            for seq in range(1, 4):
+                restarted.submit(header(seq), JPEG)
+            frames = _collect(client, 3)
+            assert [f.header.seq for f in frames] == [1, 2, 3] and all(bytes(f.payload) == JPEG for f in frames)
+            assert client.stats["arena_attached"] == 2 and client.stats["station_restarts"] == 1
+            assert not client.rejected.counts
+        finally:
+            restarted.close()
+    finally:
+        client.close()
