@@ -46,6 +46,11 @@ _ALIGN = 64
 REFERENCE = struct.Struct("<QQ8s")
 
 
+def _tag(session: str) -> bytes:
+    """An arena's tag: the station session's first 8 characters, in every reference."""
+    return session.encode("ascii")[:8].ljust(8, b"_")
+
+
 def arena_dir() -> Path:
     """Where arenas live: RAM-backed ``/dev/shm`` where it exists."""
     shm = Path("/dev/shm")
@@ -73,7 +78,7 @@ class ArenaWriter:
     def __init__(self, station: str, session: str, size: int) -> None:
         if size < _DATA_START + 4 * _ALIGN:
             raise ValueError(f"arena of {size} bytes is too small")
-        self.tag = session.encode("ascii")[:8].ljust(8, b"_")
+        self.tag = _tag(session)
         self.name = f"pouchline-{station}-{session}-{os.getpid()}"
         self.path = arena_dir() / self.name
         remove_stale(station)
@@ -131,12 +136,6 @@ class ArenaWriter:
             while self._live and self._live[0].freed:
                 self._live.popleft()
 
-    @property
-    def used(self) -> int:
-        """Bytes between the oldest live region and the newest (freed ones inside included)."""
-        with self._lock:
-            return sum(region.end - region.offset for region in self._live)
-
     def close(self) -> None:
         """Unmap and remove the file (workers keep their mappings until they let go)."""
         self._map.close()
@@ -176,7 +175,7 @@ class ArenaReader:
         finally:
             os.close(fd)
         magic, stated, file_tag = _FILE_HEADER.unpack_from(self._map, 0)
-        expected = tag.encode("ascii")[:8].ljust(8, b"_")
+        expected = _tag(tag)
         if magic != _FILE_MAGIC or stated != size or file_tag != expected:
             self._map.close()
             raise ValueError(f"{path} is not the arena of station session {tag!r}")

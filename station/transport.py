@@ -179,14 +179,16 @@ class FrameServer:
         if not self._accepting:
             raise RuntimeError(f"frame server of station {self.station!r} is closed")
         item = _Item(header, encode_frame(header, payload), policy)
-        if self._arena is not None and self._local_workers and header.nbytes:
-            item.region = self._arena.put(item.parts[2])  # None when full: the frame goes inline
         if policy == "every":
             slot = self._slot(header.camera)
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             while not slot.acquire(timeout=0.1):
                 if self._closing.is_set() or (deadline is not None and time.monotonic() > deadline):
                     return False
+        # Into the arena only once the frame is accepted: a producer that gives up must not
+        # leave a region behind, and one that waits must not hold arena space meanwhile.
+        if self._arena is not None and self._local_workers and header.nbytes:
+            item.region = self._arena.put(item.parts[2])  # None when full: the frame goes inline
         with self._lock:
             self._accept(item)
             self._dispatch()
