@@ -11,6 +11,8 @@ from rich.console import Console
 
 from pouchline.datasets.cli import app as dataset_app
 from pouchline.datasets.cli import fail
+from pouchline.inspect.benchreport import BenchReport
+from pouchline.inspect.inspectcli import app as inspect_app
 from pouchline.models.cli import app as model_app
 from pouchline.models.metadata import ModelError
 from pouchline.station.cli import app as station_app
@@ -53,6 +55,13 @@ def _not_built(group: str, issue: int, what: str) -> typer.Typer:
 bench_app = typer.Typer(help="Benchmarks: a table on the terminal and a JSON report.", no_args_is_help=True)
 
 
+def _show(report: BenchReport, json_path: Path | None) -> None:
+    report.print(console)
+    if json_path is not None:
+        report.save(json_path)
+        console.print(f"wrote {json_path}")
+
+
 @bench_app.command("synth")
 def bench_synth(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")] = None,
@@ -63,10 +72,7 @@ def bench_synth(
     from pouchline.datasets.bench import run
 
     report = run(frames=frames, workers=workers)
-    report.print(console)
-    if json_path is not None:
-        report.save(json_path)
-        console.print(f"wrote {json_path}")
+    _show(report, json_path)
 
 
 @bench_app.command("transport")
@@ -86,10 +92,7 @@ def bench_transport(
     from pouchline.station.bench import run
 
     report = run(frames=frames, raw_frames=raw_frames, paced_frames=paced_frames, rate=rate, repeats=repeats)
-    report.print(console)
-    if json_path is not None:
-        report.save(json_path)
-        console.print(f"wrote {json_path}")
+    _show(report, json_path)
 
 
 _SHIPPED = Path(__file__).resolve().parent.parent / "models" / "pouchline-detector"
@@ -114,21 +117,37 @@ def bench_model(
         report = run(model, int8, weights, frames=frames)
     except (ModelError, FileNotFoundError) as exc:
         raise fail(str(exc)) from exc
-    report.print(console)
-    if json_path is not None:
-        report.save(json_path)
-        console.print(f"wrote {json_path}")
+    _show(report, json_path)
 
 
-for _name, _issue, _what in (
-    ("pipeline", 5, "stations -> transport -> workers -> verdicts"),
-):
-    bench_app.add_typer(_not_built(f"bench {_name}", _issue, _what), name=_name)
+@bench_app.command("pipeline")
+def bench_pipeline(
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")] = None,
+    frames: Annotated[int, typer.Option(min=50, help="Frames in the saturation case.")] = 2000,
+    paced_frames: Annotated[int, typer.Option(min=50, help="Frames in the paced (latency) case.")] = 900,
+    rate: Annotated[float, typer.Option(min=1, help="Offered frames/s in the paced case.")] = 60.0,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (and floor processes).")] = 2,
+    floor_seconds: Annotated[float, typer.Option(min=1, help="Duration of the floor measurement.")] = 10.0,
+    max_batch: Annotated[int, typer.Option(min=1, help="Micro-batch size.")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="Micro-batch wait.")] = 2.0,
+    model: Annotated[Path, typer.Option(help="ONNX model.")] = _SHIPPED.with_suffix(".int8.onnx"),
+) -> None:
+    """Synthetic station -> transport -> workers -> verdicts vs the in-process floor (ratio `throughput_vs_floor`)."""
+    from pouchline.inspect.config import BatchSettings
+    from pouchline.inspect.pipelinebench import run
+
+    try:
+        report = run(frames=frames, paced_frames=paced_frames, rate=rate, workers=workers, floor_s=floor_seconds,
+                     model=model, batching=BatchSettings(max_batch=max_batch, max_wait_ms=max_wait_ms))
+    except (ModelError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from exc
+    _show(report, json_path)
+
 
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(model_app, name="model")
 app.add_typer(station_app, name="station")
-app.add_typer(_not_built("inspect", 5, "inspection workers running the ONNX detector"), name="inspect")
+app.add_typer(inspect_app, name="inspect")
 app.add_typer(_not_built("controller", 6, "line controller and QA review in the browser"), name="controller")
 app.add_typer(bench_app, name="bench")
 app.add_typer(_not_built("demo", 7, "one command runs a whole line"), name="demo")

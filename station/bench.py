@@ -69,7 +69,7 @@ def test_frame() -> tuple[np.ndarray, bytes]:
     return image, cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
 
 
-def _port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -148,7 +148,7 @@ def _offer(case: Case, send: Any, payload: bytes | np.ndarray) -> None:
 
 def _run_case(case: Case, image: np.ndarray, jpeg: bytes) -> dict[str, Any]:
     payload: bytes | np.ndarray = image if case.payload == "raw" else jpeg
-    endpoint = f"tcp://127.0.0.1:{_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     parent, child = multiprocessing.get_context("spawn").Pipe()
     process = multiprocessing.get_context("spawn").Process(
         target=_receive, args=(case.system, endpoint, case.frames, case.payload == "raw", child), daemon=True)

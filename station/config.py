@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -90,23 +90,31 @@ class StationConfig(BaseModel):
         return self
 
 
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
 class ConfigError(Exception):
     """A station config that cannot be used; the message names the file and the key."""
 
 
-def load_config(path: Path) -> StationConfig:
-    """Read and validate a station TOML file."""
+def load_toml(path: Path, model: type[ConfigT], what: str) -> ConfigT:
+    """Read and validate a TOML config file; `ConfigError` names the file and every bad key."""
     try:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError as error:
-        raise ConfigError(f"{path}: no such station config") from error
+        raise ConfigError(f"{path}: no such {what} config") from error
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
     try:
-        return StationConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}"
             for problem in error.errors()
         )
         raise ConfigError(f"{path}: {problems}") from error
+
+
+def load_config(path: Path) -> StationConfig:
+    """Read and validate a station TOML file."""
+    return load_toml(path, StationConfig, "station")

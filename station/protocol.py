@@ -64,23 +64,34 @@ PROTOCOL_ERROR_KINDS: tuple[str, ...] = (
     "arena_invalid",
     "arena_stale",
     "unexpected",  # well-formed, but not a message this receiver accepts (raised by the transport)
+    # verdict messages between inspection workers, the collector and the controller (pouchline.inspect.verdicts)
+    "verdict_too_large",
+    "verdict_undecodable",
+    "verdict_invalid",
 )
 
 _INT64_MAX = 2**63 - 1  # keeps counters and clocks representable downstream (numpy, databases)
 
 #: Wire models are strict: a station that sends ``"1080"`` for a width has a bug worth seeing.
-_WIRE = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+#: (Shared with the verdict messages of `pouchline.inspect.verdicts`.)
+WIRE = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ProtocolError(Exception):
-    """A message that must be refused; ``kind`` is its counter key, ``str()`` the details."""
+    """A message that must be refused; ``kind`` is its counter key, ``str()`` the details.
 
-    def __init__(self, kind: str, message: str) -> None:
+    ``salvage`` holds the identifying fields of a refused frame that could still be read
+    (station, camera, seq, lot, cell, view, views, t_wall; see `salvage_fields`), so the
+    receiver can answer it: hand the credit back and make the cell a fail-safe reject.
+    """
+
+    def __init__(self, kind: str, message: str, salvage: dict[str, Any] | None = None) -> None:
         if kind not in PROTOCOL_ERROR_KINDS:
             raise ValueError(f"unknown protocol error kind {kind!r}; known: {', '.join(PROTOCOL_ERROR_KINDS)}")
-        super().__init__(kind, message)  # both in args, so the error survives copy and pickle
+        super().__init__(kind, message, salvage)  # all in args, so the error survives copy and pickle
         self.kind = kind
         self.message = message
+        self.salvage = salvage
 
     def __str__(self) -> str:
         return self.message
@@ -105,7 +116,7 @@ Key = Annotated[
 class FrameTruth(BaseModel):
     """What a synthetic or replay source knows about the frame; lets workers score themselves live."""
 
-    model_config = _WIRE
+    model_config = WIRE
 
     labels: list[Identifier] = Field(min_length=1, description="Class labels of the cell, as in FrameRecord.")
     severities: dict[Identifier, Annotated[float, Field(ge=0)]] = Field(
@@ -117,7 +128,7 @@ class FrameTruth(BaseModel):
 class FrameHeader(BaseModel):
     """Everything a worker needs to know about one captured view, besides its pixels."""
 
-    model_config = _WIRE
+    model_config = WIRE
 
     v: Literal[1] = Field(description="Protocol version; a receiver refuses versions it does not speak.")
     station: Identifier = Field(description="Station that captured the frame.")
@@ -278,14 +289,14 @@ class FrameRef:
         problem = _payload_problem(header, payload)
         lease()  # the copy or the checks above read the bytes: they must still have been this frame's
         if problem is not None:
-            raise ProtocolError("payload_mismatch", f"frame {header.key}: {problem}")
+            raise ProtocolError("payload_mismatch", f"frame {header.key}: {problem}", salvage_fields(header.model_dump()))
         return Frame(header, payload, lease if zero_copy else None)
 
 
 class Hello(BaseModel):
     """A worker (re)joins a station; a new session tells the station that what it held is lost."""
 
-    model_config = _WIRE
+    model_config = WIRE
 
     type: Literal["hello"] = Field("hello", description="Message type.")
     worker: Identifier = Field(description="Worker name, stable across restarts.")
@@ -299,7 +310,7 @@ class Hello(BaseModel):
 class Heartbeat(BaseModel):
     """Liveness, both ways; a station's new session tells its workers to say hello again."""
 
-    model_config = _WIRE
+    model_config = WIRE
 
     type: Literal["heartbeat"] = Field("heartbeat", description="Message type.")
     sender: Identifier = Field(description="Worker or station name.")
@@ -314,7 +325,7 @@ class Heartbeat(BaseModel):
 class Done(BaseModel):
     """A worker is finished with frames: their credit goes back to the station."""
 
-    model_config = _WIRE
+    model_config = WIRE
 
     type: Literal["done"] = Field("done", description="Message type.")
     keys: list[Key] = Field(min_length=1, max_length=1024, description="(station, camera, seq) of each frame.")
@@ -323,7 +334,7 @@ class Done(BaseModel):
 class Trigger(BaseModel):
     """A cell arrived at the station (from the PLC); the next views belong to it."""
 
-    model_config = _WIRE
+    model_config = WIRE
 
     type: Literal["trigger"] = Field("trigger", description="Message type.")
     lot: Identifier = Field(description="Production lot of the cell.")
@@ -347,7 +358,7 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-def _pack(model: BaseModel, limit: int, what: str) -> bytes:
+def pack_model(model: BaseModel, limit: int, what: str) -> bytes:
     data = msgpack.packb(model.model_dump(), use_bin_type=True)
     if len(data) > limit:
         raise ValueError(f"{what} is {len(data)} bytes, receivers refuse more than {limit}")
@@ -375,15 +386,15 @@ def encode_frame(header: FrameHeader, payload: bytes | memoryview | np.ndarray, 
     if len(view) > limits.max_payload_bytes:
         raise ValueError(f"frame {header.key}: payload is {len(view)} bytes, receivers refuse more than "
                          f"{limits.max_payload_bytes}")
-    return [FRAME_MAGIC, _pack(header, limits.max_header_bytes, f"frame {header.key} header"), view]
+    return [FRAME_MAGIC, pack_model(header, limits.max_header_bytes, f"frame {header.key} header"), view]
 
 
 def encode_control(message: Control, *, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
     """``[CONTROL_MAGIC, body]``."""
-    return [CONTROL_MAGIC, _pack(message, limits.max_control_bytes, f"{message.type} message")]
+    return [CONTROL_MAGIC, pack_model(message, limits.max_control_bytes, f"{message.type} message")]
 
 
-def _as_bytes(part: object, index: int) -> memoryview:
+def as_bytes(part: object, index: int) -> memoryview:
     """A flat byte view of one received part (zmq.Frame, bytes, bytearray, memoryview) without copying."""
     try:
         return memoryview(getattr(part, "buffer", part)).cast("B")  # type: ignore[arg-type]
@@ -391,12 +402,12 @@ def _as_bytes(part: object, index: int) -> memoryview:
         raise ProtocolError("parts", f"part {index} is a {type(part).__name__}, not a byte buffer ({error})") from error
 
 
-def _check_size(data: memoryview, limit: int, kind: str, what: str) -> None:
+def check_size(data: memoryview, limit: int, kind: str, what: str) -> None:
     if len(data) > limit:
         raise ProtocolError(kind, f"{what} is {len(data)} bytes, the limit is {limit}")
 
 
-def _unpack(data: memoryview, limit: int, kind: str, what: str) -> object:
+def unpack_body(data: memoryview, limit: int, kind: str, what: str) -> object:
     """Safe msgpack: no extension types (timestamps included), no container larger than the part."""
 
     def refuse_extension(code: int, _data: bytes) -> object:
@@ -411,7 +422,38 @@ def _unpack(data: memoryview, limit: int, kind: str, what: str) -> object:
         raise ProtocolError(kind, f"{what} is not valid msgpack: {detail}") from error
 
 
-def _describe(error: ValidationError, most: int = 5) -> str:
+#: Fields of a refused header worth reading on their own, and the check each must pass.
+_SALVAGED: dict[str, Callable[[object], bool]] = {
+    **{name: lambda value: isinstance(value, str) and _is_identifier(value)
+       for name in ("station", "camera", "lot", "cell", "view")},
+    "seq": lambda value: type(value) is int and 0 <= value <= _INT64_MAX,
+    "views": lambda value: type(value) is int and 1 <= value <= 16,
+    "t_wall": lambda value: type(value) is float and value >= 0,
+}
+
+
+def _is_identifier(value: str) -> bool:
+    try:
+        check_identifier(value, "id")
+    except ValueError:
+        return False
+    return True
+
+
+def salvage_fields(body: object) -> dict[str, Any] | None:
+    """The identifying fields of a refused frame header that are individually valid, or None.
+
+    A header refused as a whole (wrong version, a bad size, a payload that does not match)
+    usually still says which frame and cell it was; with ``station``, ``camera`` and ``seq``
+    the worker returns its credit, with ``lot`` and ``cell`` the cell becomes a fail-safe reject.
+    """
+    if not isinstance(body, dict):
+        return None
+    found = {name: body[name] for name, valid in _SALVAGED.items() if name in body and valid(body[name])}
+    return found or None
+
+
+def describe_errors(error: ValidationError, most: int = 5) -> str:
     """Field by field, briefly: which field, what is wrong, what was sent."""
     problems = []
     for item in error.errors()[:most]:
@@ -427,7 +469,7 @@ def decode(parts: Sequence[object], limits: Limits = DEFAULT_LIMITS) -> Frame | 
     """A validated `Frame`, `FrameRef` or control message from received parts; anything else is a
     `ProtocolError`. A `FrameRef`'s payload is checked when it is resolved against its arena."""
     try:
-        views = [_as_bytes(part, index) for index, part in enumerate(parts)]
+        views = [as_bytes(part, index) for index, part in enumerate(parts)]
     except TypeError as error:
         raise ProtocolError("parts", f"message is a {type(parts).__name__}, not a list of parts") from error
     if len(views) not in (2, 3):
@@ -441,29 +483,32 @@ def decode(parts: Sequence[object], limits: Limits = DEFAULT_LIMITS) -> Frame | 
             raise ProtocolError("parts", f"message with magic {bytes(views[0])!r} has {len(views)} parts")
         raise ProtocolError("magic", f"first part {bytes(views[0][:16])!r} is not the {expected} magic {magic!r}")
     if len(views) == 2:
-        _check_size(views[1], limits.max_control_bytes, "control_too_large", "control body")
-        body = _unpack(views[1], limits.max_control_bytes, "control_undecodable", "control body")
+        check_size(views[1], limits.max_control_bytes, "control_too_large", "control body")
+        body = unpack_body(views[1], limits.max_control_bytes, "control_undecodable", "control body")
         try:
             return _CONTROL.validate_python(body)
         except ValidationError as error:
-            raise ProtocolError("control_invalid", f"control message: {_describe(error)}") from error
+            raise ProtocolError("control_invalid", f"control message: {describe_errors(error)}") from error
     payload = views[2]
-    _check_size(views[1], limits.max_header_bytes, "header_too_large", "frame header")
-    _check_size(payload, limits.max_payload_bytes, "payload_too_large", "payload")
-    body = _unpack(views[1], limits.max_header_bytes, "header_undecodable", "frame header")
+    check_size(views[1], limits.max_header_bytes, "header_too_large", "frame header")
+    body = unpack_body(views[1], limits.max_header_bytes, "header_undecodable", "frame header")
+    salvage = salvage_fields(body)
+    if len(payload) > limits.max_payload_bytes:
+        raise ProtocolError("payload_too_large", f"payload is {len(payload)} bytes, the limit is "
+                                                 f"{limits.max_payload_bytes}", salvage)
     try:
         header = FrameHeader.model_validate(body)
     except ValidationError as error:
-        raise ProtocolError("header_invalid", f"frame header: {_describe(error)}") from error
+        raise ProtocolError("header_invalid", f"frame header: {describe_errors(error)}", salvage) from error
     if magic == REFERENCE_MAGIC:
         if header.dropped is not None or header.nbytes == 0 or header.nbytes > limits.max_payload_bytes:
             raise ProtocolError("payload_mismatch", f"frame {header.key}: a frame by reference needs 1 to "
                                                     f"{limits.max_payload_bytes} bytes, header says {header.nbytes}"
-                                                    f"{' and dropped' if header.dropped else ''}")
+                                                    f"{' and dropped' if header.dropped else ''}", salvage)
         return FrameRef(header, payload)
     problem = _payload_problem(header, payload)
     if problem is not None:
-        raise ProtocolError("payload_mismatch", f"frame {header.key}: {problem}")
+        raise ProtocolError("payload_mismatch", f"frame {header.key}: {problem}", salvage)
     return Frame(header, payload)
 
 

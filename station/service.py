@@ -109,7 +109,9 @@ class CameraRunner:
             self.counts["idle"] += 1  # between cells: nothing to inspect
             return
         name, lot, views, trigger = cell
-        header = self.station.header(self.settings, next(self._seq), frame, cell=name, lot=lot, views=views, trigger=trigger)
+        view = frame.cell.view if trigger == "source" and frame.cell is not None else self.settings.view
+        header = self.station.header(self.settings, next(self._seq), frame, cell=name, lot=lot, views=views,
+                                     trigger=trigger, view=view)
         if self.station.server.submit(header, frame.payload, policy=self.source.policy):
             self.counts["sent"] += 1
             self.latency_ms.append((time.monotonic_ns() - frame.t_mono_ns) / 1e6)
@@ -170,8 +172,9 @@ class Station:
         self.status_server = StatusServer(config.status, self) if config.status else None
 
     def header(self, camera: CameraSettings, seq: int, frame: SourceFrame | None, *, cell: str, lot: str, views: int,
-               trigger: str, dropped: str | None = None) -> FrameHeader:
-        """The wire header of one view (``frame`` None: a notice for a view never captured)."""
+               trigger: str, dropped: str | None = None, view: str | None = None) -> FrameHeader:
+        """The wire header of one view (``frame`` None: a notice for a view never captured).
+        ``view`` defaults to the camera's; a source that tags cells names each frame's own."""
         if frame is None:
             taken = dict(t_mono_ns=time.monotonic_ns(), t_wall=time.time(), exposure=None, gain=None, encoding="jpeg",
                          width=1, height=1, channels=3, dtype="uint8", nbytes=0, truth=None)
@@ -182,7 +185,7 @@ class Station:
                          dtype=str(frame.payload.dtype) if raw else "uint8",
                          nbytes=frame.payload.nbytes if raw else len(frame.payload),
                          truth=FrameTruth.model_validate(frame.truth) if frame.truth else None)
-        return FrameHeader(v=1, station=self.config.name, camera=camera.name, lot=lot, cell=cell, view=camera.view,
+        return FrameHeader(v=1, station=self.config.name, camera=camera.name, lot=lot, cell=cell, view=view or camera.view,
                            views=views, seq=seq, trigger=trigger, dropped=dropped, **taken)
 
     def trigger(self, lot: str | None = None, cell: str | None = None) -> OpenCell:

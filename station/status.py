@@ -1,13 +1,16 @@
-"""The station's small HTTP endpoint: `GET /status`, `GET /healthz`, `POST /trigger`.
+"""Small HTTP endpoints for stations and inspection services: status, health, commands.
 
 The standard library's threading HTTP server is enough here: a station PC should not need
 a web framework to say how its cameras are doing or to accept a trigger from the line.
+`EndpointServer` maps paths to handlers; `StatusServer` is the station's set
+(`GET /status`, `GET /healthz`, `POST /trigger`).
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +20,11 @@ if TYPE_CHECKING:
     from pouchline.station.service import Station
 
 _MAX_BODY = 4096
+
+#: A reply: status code and a JSON body, or a plain-text body (Prometheus metrics).
+Reply = tuple[int, dict[str, Any] | str]
+GetHandler = Callable[[], Reply]
+PostHandler = Callable[[bytes], Reply]
 
 
 class TriggerRequest(BaseModel):
@@ -28,17 +36,16 @@ class TriggerRequest(BaseModel):
     cell: str | None = Field(None, description="Cell id from the line (default: the station makes one).")
 
 
-class StatusServer:
-    """Serves one station's status and triggers on ``host:port``."""
+class EndpointServer:
+    """Serves ``get`` and ``post`` handlers on ``host:port`` from a daemon thread."""
 
-    def __init__(self, address: str, station: Station) -> None:
+    def __init__(self, address: str, get: dict[str, GetHandler], post: dict[str, PostHandler], name: str) -> None:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"status address {address!r} must be host:port")
-        self.station = station
-        self.httpd = ThreadingHTTPServer((host, int(port)), self._handler())
+            raise ValueError(f"{name} address {address!r} must be host:port")
+        self.httpd = ThreadingHTTPServer((host, int(port)), _handler(get, post))
         self.address = f"{host}:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="station-status", daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -47,44 +54,58 @@ class StatusServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        station = self.station
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet access log
-                pass
+def _handler(get: dict[str, GetHandler], post: dict[str, PostHandler]) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet access log
+            pass
 
-            def _reply(self, code: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        def _reply(self, code: int, body: dict[str, Any] | str) -> None:
+            text = isinstance(body, str)
+            data = (body if text else json.dumps(body)).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "text/plain; version=0.0.4" if text else "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                if self.path == "/status":
-                    self._reply(200, station.status())
-                elif self.path == "/healthz":
-                    running = sum(camera.state == "running" for camera in station.cameras)
-                    self._reply(200 if running else 503, {"running_cameras": running, "cameras": len(station.cameras)})
-                else:
-                    self._reply(404, {"detail": f"no such path {self.path}; try /status, /healthz or POST /trigger"})
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            handler = get.get(self.path)
+            if handler is None:
+                self._reply(404, {"detail": f"no such path {self.path}; try {', '.join(sorted(get))}"})
+                return
+            self._reply(*handler())
 
-            def do_POST(self) -> None:  # noqa: N802
-                if self.path != "/trigger":
-                    self._reply(404, {"detail": f"no such path {self.path}"})
-                    return
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > _MAX_BODY:
-                    self._reply(413, {"detail": f"body of {length} bytes; at most {_MAX_BODY}"})
-                    return
-                try:
-                    request = TriggerRequest.model_validate_json(self.rfile.read(length) or b"{}")
-                    opened = station.trigger(request.lot, request.cell)
-                except (ValidationError, ValueError) as error:
-                    self._reply(422, {"detail": str(error)})
-                    return
-                self._reply(202, {"cell": opened.cell, "lot": opened.lot, "views": station.book.views})
+        def do_POST(self) -> None:  # noqa: N802
+            handler = post.get(self.path)
+            if handler is None:
+                self._reply(404, {"detail": f"no such path {self.path}; POST to {', '.join(sorted(post))}"})
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > _MAX_BODY:
+                self._reply(413, {"detail": f"body of {length} bytes; at most {_MAX_BODY}"})
+                return
+            self._reply(*handler(self.rfile.read(length) or b"{}"))
 
-        return Handler
+    return Handler
+
+
+class StatusServer(EndpointServer):
+    """Serves one station's status and triggers on ``host:port``."""
+
+    def __init__(self, address: str, station: Station) -> None:
+        self.station = station
+        super().__init__(address, {"/status": lambda: (200, station.status()), "/healthz": self._health},
+                         {"/trigger": self._trigger}, "station-status")
+
+    def _health(self) -> Reply:
+        running = sum(camera.state == "running" for camera in self.station.cameras)
+        return 200 if running else 503, {"running_cameras": running, "cameras": len(self.station.cameras)}
+
+    def _trigger(self, body: bytes) -> Reply:
+        try:
+            request = TriggerRequest.model_validate_json(body)
+            opened = self.station.trigger(request.lot, request.cell)
+        except (ValidationError, ValueError) as error:
+            return 422, {"detail": str(error)}
+        return 202, {"cell": opened.cell, "lot": opened.lot, "views": self.station.book.views}

@@ -63,6 +63,7 @@ from pouchline.station.protocol import (
     decode,
     encode_control,
     encode_frame,
+    salvage_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -475,6 +476,8 @@ class FrameClient:
         self.settings = settings or TransportSettings()
         self.curve = curve
         self.rejected = RejectCounter()
+        #: Refused frames that named themselves (answered with done); the worker drains this.
+        self.refused: deque[ProtocolError] = deque(maxlen=4096)
         self.stats: Counter[str] = Counter()
         self._context = zmq.Context()
         self._links = [self._connect(endpoint) for endpoint in endpoints]
@@ -566,12 +569,10 @@ class FrameClient:
             try:
                 message = decode(parts)
                 if isinstance(message, FrameRef):
-                    if link.arena is None:
-                        raise ProtocolError("arena_invalid", f"frame {message.header.key} came by reference, "
-                                                             "but no arena of its station is mapped here")
-                    message = message.resolve(link.arena, zero_copy=self.zero_copy)
+                    message = self._resolve(link, message)
             except ProtocolError as error:
                 self.rejected.record(error)
+                self._answer(link, error)
                 continue
             link.last_seen = time.monotonic()
             if isinstance(message, Frame):
@@ -587,6 +588,28 @@ class FrameClient:
                     self._hello(link)
             else:
                 self.rejected.record(ProtocolError("unexpected", f"a station sent a {type(message).__name__} message"))
+
+    def _resolve(self, link: _Link, ref: FrameRef) -> Frame:
+        try:
+            if link.arena is None:
+                raise ProtocolError("arena_invalid", f"frame {ref.header.key} came by reference, "
+                                                     "but no arena of its station is mapped here")
+            return ref.resolve(link.arena, zero_copy=self.zero_copy)
+        except ProtocolError as error:
+            if error.kind != "arena_invalid" or error.salvage is not None:
+                raise
+            raise ProtocolError(error.kind, error.message, salvage_fields(ref.header.model_dump())) from error
+
+    def _answer(self, link: _Link, error: ProtocolError) -> None:
+        """A refused frame that still names itself is answered: its credit goes back at once and
+        it waits in `refused` for the worker to turn its cell into a fail-safe reject. (A stale
+        arena frame is not: the station already counts it as lost with a dead worker and redelivers it.)"""
+        fields = error.salvage or {}
+        if error.kind == "arena_stale" or not {"station", "camera", "seq"} <= fields.keys():
+            return
+        self._say(link, Done(type="done", keys=[(fields["station"], fields["camera"], fields["seq"])]))
+        self.refused.append(error)
+        self.stats["refused_answered"] += 1
 
     def _housekeep(self) -> None:
         now = time.monotonic()
@@ -605,6 +628,11 @@ class FrameClient:
                 self._say(link, Heartbeat(type="heartbeat", sender=self.name, session=link.session, busy=busy,
                                           capacity=self.capacity))
                 link.next_beat = now + self.settings.heartbeat_s
+
+    @property
+    def held(self) -> int:
+        """Frames received and not yet done."""
+        return len(self._origin)
 
     def done(self, *keys: Key) -> None:
         """These frames are handled (verdicts sent, or recorded): their credit goes back to

@@ -37,7 +37,7 @@ def test_version() -> None:
 
 
 @pytest.mark.parametrize(
-    "group,issue", [("inspect", 5), ("controller", 6), ("demo", 7)]
+    "group,issue", [("controller", 6), ("demo", 7)]
 )
 def test_unbuilt_groups_say_so_and_fail(group: str, issue: int) -> None:
     code, out = invoke(group)
@@ -134,9 +134,3 @@ def test_bench_synth_writes_the_report(tmp_path: Path) -> None:
     assert data["figures"]["frames_per_s_1core"] > 0
     assert {"jpeg_vs_render_only", "side_vs_top", "2workers_vs_1core"} <= set(data["ratios"])
     assert len(data["results"]) == 4
-
-
-@pytest.mark.parametrize("name", ["pipeline"])
-def test_unbuilt_benches_say_so(name: str) -> None:
-    code, out = invoke("bench", name)
-    assert code == 2 and "not built yet" in out

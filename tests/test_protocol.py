@@ -361,8 +361,10 @@ def test_undecodable_and_misdescribed_payloads_are_caught_by_image() -> None:
 
 def test_every_error_kind_is_produced_by_some_bad_message() -> None:
     produced = {kind for kind, *_ in BAD_MESSAGES} | {"payload_undecodable"}
-    # "unexpected" is the transport's; the arena kinds come from resolving references (test_arena.py)
-    assert produced == set(PROTOCOL_ERROR_KINDS) - {"unexpected", "arena_invalid", "arena_stale"}
+    # "unexpected" is the transport's; the arena kinds come from resolving references (test_arena.py),
+    # the verdict kinds from verdict messages (test_inspect.py)
+    verdict_kinds = {kind for kind in PROTOCOL_ERROR_KINDS if kind.startswith("verdict_")}
+    assert produced == set(PROTOCOL_ERROR_KINDS) - {"unexpected", "arena_invalid", "arena_stale"} - verdict_kinds
 
 
 def test_protocol_errors_have_known_kinds_and_survive_copying() -> None:
