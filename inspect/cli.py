@@ -12,6 +12,7 @@ from rich.console import Console
 from pouchline.datasets.cli import app as dataset_app
 from pouchline.datasets.cli import fail
 from pouchline.inspect.benchreport import BenchReport
+from pouchline.inspect.controller.cli import app as controller_app
 from pouchline.inspect.inspectcli import app as inspect_app
 from pouchline.models.cli import app as model_app
 from pouchline.models.metadata import ModelError
@@ -148,7 +149,7 @@ app.add_typer(dataset_app, name="dataset")
 app.add_typer(model_app, name="model")
 app.add_typer(station_app, name="station")
 app.add_typer(inspect_app, name="inspect")
-app.add_typer(_not_built("controller", 6, "line controller and QA review in the browser"), name="controller")
+app.add_typer(controller_app, name="controller")
 app.add_typer(bench_app, name="bench")
 app.add_typer(_not_built("demo", 7, "one command runs a whole line"), name="demo")
 

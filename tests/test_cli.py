@@ -37,7 +37,7 @@ def test_version() -> None:
 
 
 @pytest.mark.parametrize(
-    "group,issue", [("controller", 6), ("demo", 7)]
+    "group,issue", [("demo", 7)]
 )
 def test_unbuilt_groups_say_so_and_fail(group: str, issue: int) -> None:
     code, out = invoke(group)

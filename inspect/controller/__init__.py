@@ -1,0 +1,1 @@
+"""The line controller: verdicts become cell and lot decisions, stored, audited and reviewed."""

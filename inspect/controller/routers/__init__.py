@@ -1,0 +1,1 @@
+"""One router per resource (lots, cells, alarms, admin, session, system)."""

@@ -1,0 +1,181 @@
+"""Cells and their verdicts, the review queue, announced cells, and their images."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+
+from pouchline.datasets.records import check_identifier
+from pouchline.inspect.controller.deps import QA, DbSession, Operator, Page, Pages, get_runtime
+from pouchline.inspect.controller.runtime import Runtime
+from pouchline.inspect.controller.schema import Cell, Inspection, Lot
+from pouchline.inspect.controller.store import StoreError
+
+router = APIRouter(prefix="/api/v1", tags=["cells"])
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+class InspectionOut(BaseModel):
+    camera: str
+    view: str
+    status: str
+    decision: str
+    reasons: list[str]
+    probs: dict[str, float]
+    anomaly: float | None
+    swelling_mm: float | None
+    model_version: str | None
+    model_sha256: str | None
+    image: str | None = Field(description="Image id (SHA-256): GET /api/v1/images/{id}.")
+    overlay: str | None = Field(description="Heat-map layer id (SHA-256).")
+    regions: list[Any]
+    cell_corners: list[Any] | None
+
+
+class CellOut(BaseModel):
+    key: str
+    station: str
+    lot: str
+    cell: str
+    t_capture: datetime
+    decision: str
+    reasons: list[str]
+    source: str
+    flags: list[str]
+    swelling_mm: float | None
+    review_state: str
+    inspections: list[InspectionOut]
+
+
+class Expected(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    station: str
+    lot: str
+    cell: str
+    t_capture: float = Field(ge=0, description="Capture (trigger) time, Unix seconds.")
+
+
+class ReviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    outcome: Literal["confirmed", "false_alarm", "skipped"]
+    kinds: list[str] = Field(default_factory=list, max_length=8, description="Defect kinds QA sees (confirmed).")
+    note: str = Field("", max_length=2000)
+
+
+def _inspection_out(row: Inspection) -> InspectionOut:
+    verdict = row.verdict or {}
+    return InspectionOut(camera=row.camera, view=row.view, status=row.status, decision=row.decision,
+                         reasons=row.reasons, probs=row.probs, anomaly=row.anomaly, swelling_mm=row.swelling_mm,
+                         model_version=row.model_version, model_sha256=row.model_sha256, image=row.image_sha256,
+                         overlay=row.overlay_sha256, regions=verdict.get("regions", []),
+                         cell_corners=verdict.get("cell_corners"))
+
+
+def cell_out(cell: Cell) -> CellOut:
+    return CellOut(key=cell.key, station=cell.station, lot=cell.lot.code, cell=cell.cell, t_capture=cell.t_capture,
+                   decision=cell.decision, reasons=cell.reasons, source=cell.source, flags=cell.flagged_kinds,
+                   swelling_mm=cell.swelling_mm, review_state=cell.review_state,
+                   inspections=[_inspection_out(row) for row in cell.inspections])
+
+
+@router.get("/cells", response_model=Page[CellOut])
+def list_cells(session: DbSession, _: Operator, pages: Pages,
+               lot: Annotated[str | None, Query(max_length=64)] = None,
+               station: Annotated[str | None, Query(max_length=64)] = None,
+               decision: Annotated[Literal["pending", "pass", "reject"] | None, Query()] = None,
+               flag: Annotated[str | None, Query(max_length=64, description="Model flag: swollen, deformed, ...")] = None,
+               review: Annotated[Literal["none", "pending", "confirmed", "false_alarm"] | None, Query()] = None,
+               since: Annotated[datetime | None, Query()] = None,
+               until: Annotated[datetime | None, Query()] = None) -> Page[CellOut]:
+    query = select(Cell)
+    if lot:
+        query = query.join(Lot).where(Lot.code == lot)
+    if station:
+        query = query.where(Cell.station == station)
+    if decision:
+        query = query.where(Cell.decision == decision)
+    if review:
+        query = query.where(Cell.review_state == review)
+    if since:
+        query = query.where(Cell.t_capture >= since)
+    if until:
+        query = query.where(Cell.t_capture < until)
+    rows = session.scalars(query.order_by(Cell.t_capture.desc(), Cell.id.desc())).all() if flag else None
+    if rows is not None:  # JSON list membership, portable across SQLite and PostgreSQL
+        matching = [cell for cell in rows if flag in cell.flagged_kinds]
+        return Page[CellOut](items=[cell_out(c) for c in matching[pages.offset : pages.offset + pages.limit]],
+                             total=len(matching), limit=pages.limit, offset=pages.offset)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    cells = session.scalars(query.order_by(Cell.t_capture.desc(), Cell.id.desc()).limit(pages.limit)
+                            .offset(pages.offset)).all()
+    return Page[CellOut](items=[cell_out(c) for c in cells], total=total, limit=pages.limit, offset=pages.offset)
+
+
+@router.get("/cells/{station}/{lot}/{cell}", response_model=CellOut)
+def get_cell(station: str, lot: str, cell: str, session: DbSession, _: Operator) -> CellOut:
+    row = session.scalar(select(Cell).where(Cell.key == f"{station}/{lot}/{cell}"))
+    if row is None:
+        raise HTTPException(404, f"no cell {station}/{lot}/{cell}")
+    return cell_out(row)
+
+
+@router.post("/cells/expected", status_code=202, response_model=CellOut)
+def expect_cell(body: Expected, runtime: RuntimeDep, session: DbSession, who: QA) -> CellOut:
+    """The line announces a cell at the station: no verdict by the deadline -> REJECT ``no_verdict``."""
+    try:
+        for name in ("station", "lot", "cell"):
+            check_identifier(getattr(body, name), name)
+    except ValueError as error:
+        raise HTTPException(422, str(error)) from error
+    runtime.ledger.expect(body.station, body.lot, body.cell, body.t_capture, who.name)
+    row = session.scalar(select(Cell).where(Cell.key == f"{body.station}/{body.lot}/{body.cell}"))
+    assert row is not None
+    return cell_out(row)
+
+
+@router.post("/cells/{station}/{lot}/{cell}/review", response_model=CellOut)
+def review_cell(station: str, lot: str, cell: str, body: ReviewIn, runtime: RuntimeDep, session: DbSession,
+                who: QA) -> CellOut:
+    try:
+        runtime.ledger.review(f"{station}/{lot}/{cell}", body.outcome, who.name, body.kinds, body.note)
+    except KeyError as error:
+        raise HTTPException(404, str(error)) from error
+    row = session.scalar(select(Cell).where(Cell.key == f"{station}/{lot}/{cell}"))
+    assert row is not None
+    session.refresh(row)
+    return cell_out(row)
+
+
+@router.get("/reviews/queue", response_model=Page[CellOut])
+def review_queue(session: DbSession, _: Operator, pages: Pages,
+                 lot: Annotated[str | None, Query(max_length=64)] = None,
+                 station: Annotated[str | None, Query(max_length=64)] = None) -> Page[CellOut]:
+    """Flagged cells waiting for QA, oldest first."""
+    query = select(Cell).where(Cell.review_state == "pending")
+    if lot:
+        query = query.join(Lot).where(Lot.code == lot)
+    if station:
+        query = query.where(Cell.station == station)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    cells = session.scalars(query.order_by(Cell.t_capture, Cell.id).limit(pages.limit).offset(pages.offset)).all()
+    return Page[CellOut](items=[cell_out(c) for c in cells], total=total, limit=pages.limit, offset=pages.offset)
+
+
+@router.get("/images/{image_id}", response_class=FileResponse)
+def get_image(image_id: str, runtime: RuntimeDep, _: Operator) -> FileResponse:
+    """A stored image by its SHA-256 (anything else, e.g. a path, is 404)."""
+    try:
+        path = runtime.store.find(image_id)
+    except StoreError:
+        path = None
+    if path is None:
+        raise HTTPException(404, "no such image")
+    return FileResponse(path, media_type="image/jpeg" if path.suffix == ".jpg" else "image/png",
+                        headers={"Cache-Control": "private, max-age=86400, immutable"})

@@ -1,0 +1,72 @@
+"""Controller settings: a TOML file and the environment (``POUCHLINE_CONTROLLER_*``), validated.
+
+The FastAPI way: one `ControllerSettings` object, built once and handed to the app, and
+`get_settings` as the cached dependency. Unknown keys in the file are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pouchline.station.config import ConfigError
+
+
+class ControllerSettings(BaseSettings):
+    """Everything the controller needs to start."""
+
+    model_config = SettingsConfigDict(env_prefix="POUCHLINE_CONTROLLER_", extra="forbid")
+
+    data_dir: Path = Field(Path("pouchline-data"), description="Database (SQLite), image store and secrets live here.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default SQLite in data_dir (postgresql+psycopg://user:pw@host/db for several lines)."
+    )
+    http: str = Field("127.0.0.1:8300", description="host:port of the API and web UI.")
+    verdicts: str = Field("tcp://127.0.0.1:5580", description="ZeroMQ endpoint (ROUTER) inspection services send cell verdicts to.")
+    publish: str = Field("tcp://127.0.0.1:5581", description="ZeroMQ PUB endpoint for cell dispositions and lot commands.")
+    webhook: str | None = Field(None, description="URL that also receives every cell disposition and lot command (POST JSON).")
+    deadline_s: float = Field(3.0, gt=0, le=3600, description="A cell with no verdict this long after capture is rejected "
+                                                              "('no_verdict').")
+    audit_retention_days: float = Field(30.0, gt=0, description="Images of passed cells sampled for audit are deleted after this.")
+    spc_subgroup: int = Field(5, ge=2, le=10, description="Cells per subgroup in the X-bar/R chart of the swelling estimate.")
+    spc_rate_subgroup: int = Field(50, ge=10, description="Cells per subgroup in the p-chart of the defect rate.")
+    secret_key: str | None = Field(None, description="Signs session cookies; default: generated once into data_dir.")
+    login_attempts_per_minute: int = Field(10, ge=1, description="Failed logins per user name and client before a pause.")
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'controller.db').resolve()}"
+
+    def resolved_secret(self) -> str:
+        """The configured secret, or one kept in data_dir (made on first start, mode 600)."""
+        if self.secret_key:
+            return self.secret_key
+        path = self.data_dir / "secret.key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(48))
+        return path.read_text().strip()
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> ControllerSettings:
+    """Settings from ``path`` (TOML), then the environment, then ``overrides``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as error:
+            raise ConfigError(f"{path}: no such controller config") from error
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    try:
+        environment = ControllerSettings()  # what POUCHLINE_CONTROLLER_* variables set wins over the file
+        from_env = {name: getattr(environment, name) for name in environment.model_fields_set}
+        return ControllerSettings(**{**values, **from_env, **overrides})
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"{path or 'controller settings'}: {problems}") from error
