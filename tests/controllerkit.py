@@ -8,6 +8,7 @@ system database and need no setup beyond the package.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import socket
@@ -18,15 +19,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import httpx
+import numpy as np
 import uvicorn
+import zmq
 
+from pouchline.inspect.aggregate import CellAggregator, Decided
 from pouchline.inspect.controller.app import create_app
 from pouchline.inspect.controller.database import Database
 from pouchline.inspect.controller.routers.admin import add_user
 from pouchline.inspect.controller.settings import ControllerSettings, load_settings
+from pouchline.inspect.sinks import ControllerLink
+from pouchline.inspect.verdicts import FrameVerdict, attachment
 
 PASSWORD = "correct horse battery"
+JPEG = cv2.imencode(".jpg", np.full((48, 64, 3), 90, np.uint8))[1].tobytes()
 
 
 def free_port() -> int:
@@ -136,3 +144,57 @@ class RunningController:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(15)
+
+
+def cell_verdict(cell: str, *, lot: str = "LOT-1", decision: str = "pass", reasons: list[str] | None = None,
+                 swelling: float | None = 0.1, t_capture: float | None = None, image: bool | bytes = False,
+                 overlay: bytes | None = None, regions: list | None = None, corners: list | None = None) -> Decided:
+    """A one-view cell verdict as the collector makes it; ``image`` True attaches a small JPEG,
+    bytes attach those (and ``overlay`` a heat-map layer)."""
+    parts = [] if image is False else [JPEG if image is True else image]
+    if overlay is not None:
+        parts.append(overlay)
+    attachments = [attachment("image" if index == 0 else "overlay", "top", data, index) for index, data in enumerate(parts)]
+    frame = FrameVerdict(station="st1", camera="top", lot=lot, cell=cell, view="top", views=1,
+                         seq=int(cell.rsplit("-", 1)[-1]) if cell[-1].isdigit() else 0,
+                         t_capture=t_capture or time.time(), status="ok", decision=decision, reasons=reasons or [],
+                         probs={"swollen": 0.9 if "swollen" in (reasons or []) else 0.01}, swelling_mm=swelling,
+                         regions=regions or [], cell_corners=corners, worker="w0", attachments=attachments)
+    decided = CellAggregator(deadline_s=5).add(frame, parts, time.time())
+    assert decided is not None
+    return decided
+
+
+class Line:
+    """The inspection side's link to the controller, and the reject gate's subscription."""
+
+    def __init__(self, controller: RunningController) -> None:
+        self.context = zmq.Context()
+        self.link = ControllerLink(self.context, controller.settings.verdicts, ack_timeout_s=0.5)
+        self.gate = self.context.socket(zmq.SUB)
+        self.gate.setsockopt(zmq.SUBSCRIBE, b"")
+        self.gate.connect(controller.settings.publish)
+        time.sleep(0.2)  # the subscription reaches the publisher
+
+    def send(self, *cells: Decided) -> None:
+        for decided in cells:
+            self.link.send(decided)
+        deadline = time.monotonic() + 20
+        while self.link.unacked and time.monotonic() < deadline:
+            self.link.tick()
+            time.sleep(0.02)
+        assert not self.link.unacked, "the controller did not acknowledge every verdict"
+
+    def messages(self, count: int, timeout_s: float = 10.0) -> list[tuple[str, dict]]:
+        got = []
+        deadline = time.monotonic() + timeout_s
+        while len(got) < count and time.monotonic() < deadline:
+            if self.gate.poll(50):
+                topic, body = self.gate.recv_multipart()
+                got.append((topic.decode(), json.loads(body)))
+        return got
+
+    def close(self) -> None:
+        self.link.close()
+        self.gate.close(linger=0)
+        self.context.term()

@@ -22,6 +22,8 @@ from pouchline.inspect.controller.schema import ApiToken, User
 from pouchline.inspect.controller.settings import ControllerSettings, load_settings
 
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+#: Largest row number or id a request may name (64-bit databases; larger values are refused, not overflowed).
+_MAX_ROW = 2**53
 T = TypeVar("T")
 
 
@@ -103,10 +105,11 @@ class Page(BaseModel, Generic[T]):
 
 class Paging(BaseModel):
     limit: int = Field(50, ge=1, le=500)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=_MAX_ROW)
 
 
-def paging(limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0) -> Paging:
+def paging(limit: Annotated[int, Query(ge=1, le=500)] = 50,
+           offset: Annotated[int, Query(ge=0, le=_MAX_ROW)] = 0) -> Paging:
     return Paging(limit=limit, offset=offset)
 
 

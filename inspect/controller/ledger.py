@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from pouchline.inspect.controller.database import Database
 from pouchline.inspect.controller.lotpolicy import LotCounts, LotPolicy, decide
 from pouchline.inspect.controller.publish import Publisher
+from pouchline.inspect.controller.spcwatch import new_violations
 from pouchline.inspect.controller.schema import Alarm, AuditEntry, Cell, Inspection, Lot, Product, Review
 from pouchline.inspect.controller.store import ImageStore, StoreError
 from pouchline.inspect.verdicts import CellVerdict
@@ -55,8 +56,11 @@ def raise_alarm(session: Session, kind: str, subject: str, message: str) -> Alar
 class Ledger:
     """The controller's decisions; thread-safe (one lock around each decision)."""
 
-    def __init__(self, db: Database, store: ImageStore, publisher: Publisher, *, deadline_s: float) -> None:
+    def __init__(self, db: Database, store: ImageStore, publisher: Publisher, *, deadline_s: float,
+                 spc_subgroup: int = 5, spc_rate_subgroup: int = 50) -> None:
         self.db = db
+        self.spc_subgroup = spc_subgroup
+        self.spc_rate_subgroup = spc_rate_subgroup
         self.store = store
         self.publisher = publisher
         self.deadline = timedelta(seconds=deadline_s)
@@ -96,6 +100,8 @@ class Ledger:
             cell.review_state = "pending" if flags and verdict.decision == "reject" else "none"
             session.flush()
             lot_message = self._evaluate_lot(session, lot)
+            for kind, subject, text in new_violations(session, cell, self.spc_subgroup, self.spc_rate_subgroup):
+                raise_alarm(session, kind, subject, text)
             message = self._cell_message(cell, verdict.lot) if publish else None
         if message is not None:
             self.publisher.publish(f"cell.{verdict.station}", message)

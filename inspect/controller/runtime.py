@@ -40,7 +40,8 @@ class Runtime:
         self.store = ImageStore(settings.data_dir / "images")
         self.context = zmq.Context()
         self.publisher = Publisher(settings.publish, settings.webhook, self.context)
-        self.ledger = Ledger(self.db, self.store, self.publisher, deadline_s=settings.deadline_s)
+        self.ledger = Ledger(self.db, self.store, self.publisher, deadline_s=settings.deadline_s,
+                             spc_subgroup=settings.spc_subgroup, spc_rate_subgroup=settings.spc_rate_subgroup)
         self.counts: Counter[str] = Counter()
         self.receiver = VerdictReceiver(settings.verdicts, self._store, self.context)
         self.started = time.time()

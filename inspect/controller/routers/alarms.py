@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
+from fastapi import Path as PathParam
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
@@ -47,7 +48,7 @@ def list_alarms(session: DbSession, _: Operator, pages: Pages,
 
 
 @router.post("/{alarm_id}/acknowledge", response_model=AlarmOut)
-def acknowledge(alarm_id: int, session: DbSession, who: Operator) -> AlarmOut:
+def acknowledge(alarm_id: Annotated[int, PathParam(ge=1, le=2**53)], session: DbSession, who: Operator) -> AlarmOut:
     alarm = session.get(Alarm, alarm_id)
     if alarm is None:
         raise HTTPException(404, f"no alarm {alarm_id}")

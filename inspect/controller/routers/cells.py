@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import tempfile
+import zipfile
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
 from pouchline.datasets.records import check_identifier
 from pouchline.inspect.controller.deps import QA, DbSession, Operator, Page, Pages, get_runtime
 from pouchline.inspect.controller.runtime import Runtime
-from pouchline.inspect.controller.schema import Cell, Inspection, Lot
+from pouchline.inspect.controller.schema import Cell, Inspection, Lot, Review
 from pouchline.inspect.controller.store import StoreError
 
 router = APIRouter(prefix="/api/v1", tags=["cells"])
@@ -58,7 +62,7 @@ class Expected(BaseModel):
     station: str
     lot: str
     cell: str
-    t_capture: float = Field(ge=0, description="Capture (trigger) time, Unix seconds.")
+    t_capture: float = Field(ge=0, le=4_102_444_800, description="Capture (trigger) time, Unix seconds (before 2100).")
 
 
 class ReviewIn(BaseModel):
@@ -156,16 +160,32 @@ def review_cell(station: str, lot: str, cell: str, body: ReviewIn, runtime: Runt
 @router.get("/reviews/queue", response_model=Page[CellOut])
 def review_queue(session: DbSession, _: Operator, pages: Pages,
                  lot: Annotated[str | None, Query(max_length=64)] = None,
-                 station: Annotated[str | None, Query(max_length=64)] = None) -> Page[CellOut]:
-    """Flagged cells waiting for QA, oldest first."""
+                 station: Annotated[str | None, Query(max_length=64)] = None,
+                 flag: Annotated[str | None, Query(max_length=64)] = None,
+                 since: Annotated[datetime | None, Query()] = None) -> Page[CellOut]:
+    """Flagged cells waiting for QA, oldest first; filters by lot, station, defect kind, date."""
     query = select(Cell).where(Cell.review_state == "pending")
     if lot:
         query = query.join(Lot).where(Lot.code == lot)
     if station:
         query = query.where(Cell.station == station)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    cells = session.scalars(query.order_by(Cell.t_capture, Cell.id).limit(pages.limit).offset(pages.offset)).all()
-    return Page[CellOut](items=[cell_out(c) for c in cells], total=total, limit=pages.limit, offset=pages.offset)
+    if since:
+        query = query.where(Cell.t_capture >= since)
+    cells = [c for c in session.scalars(query.order_by(Cell.t_capture, Cell.id)) if not flag or flag in c.flagged_kinds]
+    return Page[CellOut](items=[cell_out(c) for c in cells[pages.offset : pages.offset + pages.limit]],
+                         total=len(cells), limit=pages.limit, offset=pages.offset)
+
+
+@router.get("/reviews/reference", response_model=CellOut | None)
+def reference_cell(session: DbSession, _: Operator,
+                   station: Annotated[str | None, Query(max_length=64)] = None) -> CellOut | None:
+    """The latest passed cell with a stored image (an audit sample): what a good cell looks like now."""
+    query = (select(Cell).join(Inspection).where(Cell.decision == "pass", Inspection.image_sha256.is_not(None))
+             .order_by(Cell.id.desc()).limit(1))
+    if station:
+        query = query.where(Cell.station == station)
+    found = session.scalar(query)
+    return None if found is None else cell_out(found)
 
 
 @router.get("/images/{image_id}", response_class=FileResponse)
@@ -179,3 +199,37 @@ def get_image(image_id: str, runtime: RuntimeDep, _: Operator) -> FileResponse:
         raise HTTPException(404, "no such image")
     return FileResponse(path, media_type="image/jpeg" if path.suffix == ".jpg" else "image/png",
                         headers={"Cache-Control": "private, max-age=86400, immutable"})
+
+
+@router.get("/reviews/export.zip", response_class=StreamingResponse)
+def export_reviewed(runtime: RuntimeDep, session: DbSession, _: Operator,
+                    lot: Annotated[str | None, Query(max_length=64)] = None) -> StreamingResponse:
+    """QA's decisions as a dataset for retraining: ``labels.csv`` (path,label) and the images, the
+    layout `pouchline dataset import` reads. Confirmed cells are labelled with the kinds QA saw (or
+    the model's flags), false alarms ``ok``."""
+    query = select(Cell).where(Cell.review_state.in_(("confirmed", "false_alarm")))
+    if lot:
+        query = query.join(Lot).where(Lot.code == lot)
+    buffer = tempfile.SpooledTemporaryFile(max_size=64 * 1024 * 1024)
+    rows = []
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for cell in session.scalars(query.order_by(Cell.id)):
+            review = session.scalar(select(Review).where(Review.cell_id == cell.id, Review.outcome != "skipped")
+                                    .order_by(Review.id.desc()))
+            kinds = (review.kinds if review and review.kinds else cell.flagged_kinds) or ["defect"]
+            labels = ["ok"] if cell.review_state == "false_alarm" else [k for k in kinds if k != "anomaly"] or ["defect"]
+            for row in cell.inspections:
+                path = runtime.store.find(row.image_sha256) if row.image_sha256 else None
+                if path is None:
+                    continue
+                name = f"images/{row.image_sha256}{path.suffix}"
+                archive.write(path, name)
+                rows.append((name, ";".join(labels), cell.key, row.camera))
+        table = io.StringIO()
+        writer = csv.writer(table)
+        writer.writerow(["path", "label", "cell", "camera"])
+        writer.writerows(rows)
+        archive.writestr("labels.csv", table.getvalue())
+    buffer.seek(0)
+    return StreamingResponse(buffer, media_type="application/zip",
+                             headers={"Content-Disposition": 'attachment; filename="reviewed.zip"'})
