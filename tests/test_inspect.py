@@ -586,11 +586,24 @@ def test_a_typo_in_the_inspect_config_names_the_key(tmp_path: Path) -> None:
     assert result.returncode != 0 and "batching.max_bach" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("example", sorted((Path(__file__).parent.parent / "inspect" / "examples").glob("*.toml")))
+@pytest.mark.parametrize("example", sorted(p for p in (Path(__file__).parent.parent / "inspect" / "examples").glob("*.toml")
+                                           if p.name != "controller.toml"))
 def test_the_example_inspect_configs_are_valid(example: Path) -> None:
     from pouchline.inspect.config import load_inspect_config
 
     assert load_inspect_config(example).stations
+
+
+def test_the_example_controller_config_is_valid_and_a_typo_names_the_key(tmp_path: Path) -> None:
+    from pouchline.inspect.controller.settings import load_settings
+    from pouchline.station.config import ConfigError
+
+    settings = load_settings(Path(__file__).parent.parent / "inspect" / "examples" / "controller.toml")
+    assert settings.deadline_s == 3.0 and settings.verdicts == "tcp://*:5580"
+    bad = tmp_path / "controller.toml"
+    bad.write_text('deadline_ss = 2\n')
+    with pytest.raises(ConfigError, match="deadline_ss"):
+        load_settings(bad)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -155,7 +155,7 @@ def test_a_worker_survives_a_station_restart() -> None:
         for seq in range(5, 10):
             restarted.submit(header(seq), JPEG)
         assert wait_for(lambda: len(worker.keys) == 10), worker.client.stats
-        assert restarted.stats()["done"] == 5
+        assert wait_for(lambda: restarted.stats()["done"] == 5), restarted.stats()  # the last done may still be in flight
     finally:
         worker.halt()
         restarted.close(grace_s=0)

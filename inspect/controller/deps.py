@@ -13,7 +13,7 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from pouchline.inspect.controller.auth import SESSION_COOKIE, Principal, Role, SessionSigner, token_digest
@@ -77,6 +77,8 @@ def require(role: Role) -> Callable[..., Any]:
     async def check(request: Request, who: Annotated[Principal, Depends(caller)]) -> Principal:
         if not who.allows(role):
             raise HTTPException(403, f"needs the {role} role; {who.name} is {who.role}")
+        if who.via == "token" and request.method not in _SAFE_METHODS and "write" not in who.scopes:
+            raise HTTPException(403, f"token {who.name} is read-only (scopes: {', '.join(who.scopes) or 'none'})")
         if who.via == "session" and request.method not in _SAFE_METHODS:
             sent = request.headers.get("x-csrf-token")
             if sent is None and request.headers.get("content-type", "").startswith(
@@ -114,6 +116,14 @@ def paging(limit: Annotated[int, Query(ge=1, le=500)] = 50,
 
 
 Pages = Annotated[Paging, Depends(paging)]
+
+
+def page(session: Session, query: Select[Any], pages: Paging, *order: Any) -> tuple[list[Any], int]:
+    """One page of ``query`` in ``order`` (rows: entities, or tuples for a multi-entity select) and the total."""
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    result = session.execute(query.order_by(*order).limit(pages.limit).offset(pages.offset))
+    rows = result.all() if len(query.column_descriptions) > 1 else result.scalars().all()
+    return list(rows), total
 
 
 def signer_for(settings: ControllerSettings) -> SessionSigner:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from pouchline.inspect.controller.database import Database
@@ -184,9 +185,14 @@ class Ledger:
             product = Product(name=DEFAULT_PRODUCT, spec={}, policy=LotPolicy().model_dump())
             session.add(product)
             session.flush()
-        lot = Lot(code=code, product_id=product.id, expected_quantity=0, created_at=utcnow())
-        session.add(lot)
-        session.flush()
+        try:
+            with session.begin_nested():  # the lot may be created through the API at this very moment
+                lot = Lot(code=code, product_id=product.id, expected_quantity=0, created_at=utcnow())
+                session.add(lot)
+        except IntegrityError:
+            found = session.scalar(select(Lot).where(Lot.code == code))
+            assert found is not None
+            return found
         raise_alarm(session, "unknown_lot", code, f"verdicts for lot {code}, which nobody created: filed under "
                                                   f"product {product.name!r} with its policy")
         return lot

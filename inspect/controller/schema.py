@@ -19,10 +19,13 @@ class Base(DeclarativeBase):
 
 
 class Line(Base):
+    """A production line and the stations on it."""
+
     __tablename__ = "lines"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
+    stations: Mapped[list[Any]] = mapped_column(default=list)
 
 
 class Product(Base):

@@ -35,6 +35,8 @@ class ControllerSettings(BaseSettings):
     audit_retention_days: float = Field(30.0, gt=0, description="Images of passed cells sampled for audit are deleted after this.")
     spc_subgroup: int = Field(5, ge=2, le=10, description="Cells per subgroup in the X-bar/R chart of the swelling estimate.")
     spc_rate_subgroup: int = Field(50, ge=10, description="Cells per subgroup in the p-chart of the defect rate.")
+    inspection: list[str] = Field(default_factory=list, description="host:port of inspection services' status endpoints, "
+                                                                     "for worker health on the dashboard.")
     secret_key: str | None = Field(None, description="Signs session cookies; default: generated once into data_dir.")
     login_attempts_per_minute: int = Field(10, ge=1, description="Failed logins per user name and client before a pause.")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
@@ -13,9 +13,16 @@ from pouchline.inspect.controller.auth import ROLES, Role, hash_password, new_to
 from pouchline.inspect.controller.deps import Admin, DbSession, Operator
 from pouchline.inspect.controller.ledger import audit, utcnow
 from pouchline.inspect.controller.lotpolicy import LotPolicy
-from pouchline.inspect.controller.schema import ApiToken, Product, SupplierBatch, User
+from pouchline.inspect.controller.schema import ApiToken, Line, Product, SupplierBatch, User
 
 router = APIRouter(prefix="/api/v1", tags=["admin"])
+
+
+class LineIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    stations: list[str] = Field(default_factory=list, max_length=64, description="Station names on this line.")
 
 
 class ProductIn(BaseModel):
@@ -62,13 +69,35 @@ class TokenIn(BaseModel):
 
     name: str = Field(min_length=2, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     role: Role = Field("operator", description="What the token may do, as a user of this role.")
-    scopes: list[str] = Field(default_factory=list, max_length=32, description="Free labels recorded with the token.")
+    scopes: list[Literal["read", "write"]] = Field(
+        default_factory=lambda: ["read", "write"], min_length=1, max_length=2,
+        description="'read': GET requests; 'write': changes too (within the role).",
+    )
 
 
 class TokenOut(BaseModel):
     name: str
     role: str
     token: str = Field(description="Shown once; only its SHA-256 is kept.")
+
+
+@router.get("/lines", response_model=list[LineIn])
+def list_lines(session: DbSession, _: Operator) -> list[LineIn]:
+    return [LineIn(name=line.name, stations=line.stations) for line in session.scalars(select(Line).order_by(Line.name))]
+
+
+@router.put("/lines/{name}", response_model=LineIn)
+def put_line(name: str, body: LineIn, session: DbSession, who: Admin) -> LineIn:
+    if body.name != name:
+        raise HTTPException(422, f"body names line {body.name!r}, the path {name!r}")
+    line = session.scalar(select(Line).where(Line.name == name))
+    if line is None:
+        line = Line(name=name)
+        session.add(line)
+    line.stations = list(body.stations)
+    audit(session, who.name, "line_saved", name, stations=line.stations)
+    session.commit()  # committed before the reply: the caller may act on it at once
+    return LineIn(name=line.name, stations=line.stations)
 
 
 def _product_out(product: Product) -> ProductOut:
@@ -91,6 +120,7 @@ def put_product(name: str, body: ProductIn, session: DbSession, who: Admin) -> P
         session.add(product)
     product.spec, product.policy = dict(body.spec), body.policy.model_dump()
     audit(session, who.name, "product_saved", name, before=before, after={"spec": product.spec, "policy": product.policy})
+    session.commit()  # committed before the reply: the caller may act on it at once
     session.flush()
     return _product_out(product)
 
@@ -111,6 +141,7 @@ def create_batch(body: BatchIn, session: DbSession, who: Admin) -> BatchOut:
     batch = SupplierBatch(code=body.code, supplier=body.supplier, product_id=product.id)
     session.add(batch)
     audit(session, who.name, "supplier_batch_created", body.code, supplier=body.supplier, product=body.product)
+    session.commit()  # committed before the reply: the caller may act on it at once
     session.flush()
     return BatchOut(id=batch.id, code=batch.code, supplier=batch.supplier, product=product.name)
 
@@ -126,6 +157,7 @@ def create_user(body: UserIn, session: DbSession, who: Admin) -> UserOut:
     if session.scalar(select(User).where(User.name == body.name)) is not None:
         raise HTTPException(409, f"user {body.name!r} exists")
     user = add_user(session, body.name, body.role, body.password, who.name)
+    session.commit()
     return UserOut(name=user.name, role=user.role, disabled=user.disabled, created_at=user.created_at)
 
 
@@ -147,6 +179,7 @@ def create_token(body: TokenIn, session: DbSession, who: Admin) -> TokenOut:
     token, digest = new_token()
     session.add(ApiToken(name=body.name, token_sha256=digest, role=body.role, scopes=body.scopes, created_at=utcnow()))
     audit(session, who.name, "token_created", body.name, role=body.role, scopes=body.scopes)
+    session.commit()  # committed before the reply: the caller may act on it at once
     return TokenOut(name=body.name, role=body.role, token=token)
 
 

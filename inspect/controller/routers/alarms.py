@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 from fastapi import Path as PathParam
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from pouchline.inspect.controller.deps import DbSession, Operator, Page, Pages
+from pouchline.inspect.controller.deps import page, DbSession, Operator, Page, Pages
 from pouchline.inspect.controller.ledger import audit, utcnow
 from pouchline.inspect.controller.schema import Alarm
 
@@ -42,8 +42,7 @@ def list_alarms(session: DbSession, _: Operator, pages: Pages,
         query = query.where(Alarm.kind == kind)
     if open_only:
         query = query.where(Alarm.acknowledged_at.is_(None))
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    alarms = session.scalars(query.order_by(Alarm.id.desc()).limit(pages.limit).offset(pages.offset)).all()
+    alarms, total = page(session, query, pages, Alarm.id.desc())
     return Page[AlarmOut](items=[_out(a) for a in alarms], total=total, limit=pages.limit, offset=pages.offset)
 
 
@@ -55,4 +54,5 @@ def acknowledge(alarm_id: Annotated[int, PathParam(ge=1, le=2**53)], session: Db
     if alarm.acknowledged_at is None:
         alarm.acknowledged_by, alarm.acknowledged_at = who.name, utcnow()
         audit(session, who.name, "alarm_acknowledged", f"alarm {alarm_id}", alarm.message)
+        session.commit()  # committed before the reply: the caller may act on it at once
     return _out(alarm)

@@ -12,10 +12,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from pouchline.datasets.records import check_identifier
-from pouchline.inspect.controller.deps import QA, DbSession, Operator, Page, Pages, get_runtime
+from pouchline.inspect.controller.deps import page, QA, DbSession, Operator, Page, Pages, get_runtime
 from pouchline.inspect.controller.runtime import Runtime
 from pouchline.inspect.controller.schema import Cell, Inspection, Lot, Review
 from pouchline.inspect.controller.store import StoreError
@@ -116,9 +116,7 @@ def list_cells(session: DbSession, _: Operator, pages: Pages,
         matching = [cell for cell in rows if flag in cell.flagged_kinds]
         return Page[CellOut](items=[cell_out(c) for c in matching[pages.offset : pages.offset + pages.limit]],
                              total=len(matching), limit=pages.limit, offset=pages.offset)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    cells = session.scalars(query.order_by(Cell.t_capture.desc(), Cell.id.desc()).limit(pages.limit)
-                            .offset(pages.offset)).all()
+    cells, total = page(session, query, pages, Cell.t_capture.desc(), Cell.id.desc())
     return Page[CellOut](items=[cell_out(c) for c in cells], total=total, limit=pages.limit, offset=pages.offset)
 
 
@@ -233,3 +231,60 @@ def export_reviewed(runtime: RuntimeDep, session: DbSession, _: Operator,
     buffer.seek(0)
     return StreamingResponse(buffer, media_type="application/zip",
                              headers={"Content-Disposition": 'attachment; filename="reviewed.zip"'})
+
+
+class VerdictOut(BaseModel):
+    cell: str
+    camera: str
+    view: str
+    status: str
+    decision: str
+    reasons: list[str]
+    worker: str
+    model_version: str | None
+    received_at: datetime
+
+
+class DispositionOut(BaseModel):
+    cell: str
+    decision: str
+    reasons: list[str]
+    source: str = Field(description="'verdict', or 'deadline' when no verdict came in time.")
+    t_capture: datetime
+    published_at: datetime | None
+
+
+@router.get("/verdicts", response_model=Page[VerdictOut])
+def list_verdicts(session: DbSession, _: Operator, pages: Pages,
+                  station: Annotated[str | None, Query(max_length=64)] = None,
+                  status: Annotated[str | None, Query(max_length=32)] = None,
+                  model: Annotated[str | None, Query(max_length=64, description="Model sha256.")] = None) -> Page[VerdictOut]:
+    """Each view's verdict as the inspection service sent it, newest first."""
+    query = select(Inspection, Cell).join(Cell)
+    if station:
+        query = query.where(Cell.station == station)
+    if status:
+        query = query.where(Inspection.status == status)
+    if model:
+        query = query.where(Inspection.model_sha256 == model)
+    rows, total = page(session, query, pages, Inspection.id.desc())
+    return Page[VerdictOut](items=[VerdictOut(cell=c.key, camera=i.camera, view=i.view, status=i.status,
+                                              decision=i.decision, reasons=i.reasons, worker=i.worker,
+                                              model_version=i.model_version, received_at=c.received_at)
+                                   for i, c in rows], total=total, limit=pages.limit, offset=pages.offset)
+
+
+@router.get("/dispositions", response_model=Page[DispositionOut])
+def list_dispositions(session: DbSession, _: Operator, pages: Pages,
+                      station: Annotated[str | None, Query(max_length=64)] = None,
+                      source: Annotated[Literal["verdict", "deadline"] | None, Query()] = None) -> Page[DispositionOut]:
+    """What the line was told per cell (PASS/REJECT and why), newest first."""
+    query = select(Cell).where(Cell.published_at.is_not(None))
+    if station:
+        query = query.where(Cell.station == station)
+    if source:
+        query = query.where(Cell.source == source)
+    cells, total = page(session, query, pages, Cell.published_at.desc(), Cell.id.desc())
+    return Page[DispositionOut](items=[DispositionOut(cell=c.key, decision=c.decision, reasons=c.reasons, source=c.source,
+                                                      t_capture=c.t_capture, published_at=c.published_at) for c in cells],
+                                total=total, limit=pages.limit, offset=pages.offset)

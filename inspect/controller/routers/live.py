@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
+import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
@@ -48,7 +49,26 @@ def summary(runtime: Runtime) -> dict[str, Any]:
                       "age_s": round((now - (t if t.tzinfo else t.replace(tzinfo=UTC))).total_seconds(), 1) if t else None,
                       "cells": n} for s, t, n in stations],
         "cameras": sorted({f"{worker}:{camera}" for worker, camera, _ in workers}),
+        "services": services(runtime.settings.inspection),
     }
+
+
+def services(addresses: list[str]) -> list[dict[str, Any]]:
+    """Each inspection service's workers, from its /status (a dead service says so, it does not hang the page)."""
+    found = []
+    for address in addresses:
+        try:
+            status = httpx.get(f"http://{address}/status", timeout=0.5).json()
+        except (httpx.HTTPError, ValueError) as error:
+            found.append({"address": address, "reachable": False, "detail": str(error)[:120]})
+            continue
+        workers = status.get("workers", {})
+        collector = status.get("collector") or {}
+        found.append({"address": address, "reachable": True, "workers": len(workers),
+                      "workers_alive": sum(bool(w.get("alive")) for w in workers.values()),
+                      "restarts": sum(int(w.get("restarts", 0)) for w in workers.values()),
+                      "cells_per_s": collector.get("cells_per_s")})
+    return found
 
 
 def _since(runtime: Runtime, cell_id: int, alarm_id: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
 from pouchline.datasets.records import check_identifier
-from pouchline.inspect.controller.deps import QA, DbSession, Operator, Page, Pages, get_runtime
+from pouchline.inspect.controller.deps import page, QA, DbSession, Operator, Page, Pages, get_runtime
 from pouchline.inspect.controller.ledger import audit, utcnow
 from pouchline.inspect.controller.runtime import Runtime
 from pouchline.inspect.controller.schema import Cell, Lot, Product, SupplierBatch
@@ -92,7 +92,7 @@ def create_lot(body: LotCreate, session: DbSession, who: QA) -> LotOut:
               expected_quantity=body.expected_quantity, created_at=utcnow())
     session.add(lot)
     audit(session, who.name, "lot_created", body.code, product=body.product, expected=body.expected_quantity)
-    session.flush()
+    session.commit()  # committed before the reply: the caller may act on it at once
     session.refresh(lot)
     return lot_out(session, lot)
 
@@ -109,8 +109,7 @@ def list_lots(session: DbSession, _: Operator, pages: Pages,
         query = query.where(Lot.disposition == disposition)
     if product:
         query = query.join(Product).where(Product.name == product)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    lots = session.scalars(query.order_by(Lot.id.desc()).limit(pages.limit).offset(pages.offset)).all()
+    lots, total = page(session, query, pages, Lot.id.desc())
     return Page[LotOut](items=[lot_out(session, lot) for lot in lots], total=total, limit=pages.limit,
                         offset=pages.offset)
 

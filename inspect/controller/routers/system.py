@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from sqlalchemy import func, select, text
 
-from pouchline.inspect.controller.deps import DbSession, Operator, Page, Pages, get_runtime
+from pouchline.inspect.controller.deps import page, DbSession, Operator, Page, Pages, get_runtime
 from pouchline.inspect.controller.runtime import Runtime
 from pouchline.inspect.controller.schema import Alarm, AuditEntry, Cell, Inspection, Lot
 from pouchline.inspect.metrics import PrometheusText
@@ -94,8 +94,7 @@ def audit_log(session: DbSession, _: Operator, pages: Pages,
         query = query.where(AuditEntry.action == action)
     if subject:
         query = query.where(AuditEntry.subject == subject)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(AuditEntry.id.desc()).limit(pages.limit).offset(pages.offset)).all()
+    rows, total = page(session, query, pages, AuditEntry.id.desc())
     return Page[AuditOut](items=[AuditOut(id=r.id, at=r.at, actor=r.actor, action=r.action, subject=r.subject,
                                           reason=r.reason, detail=r.detail) for r in rows],
                           total=total, limit=pages.limit, offset=pages.offset)

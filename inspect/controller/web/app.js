@@ -88,7 +88,11 @@ function dashboard() {
       h("tr", {}, h("td", {}, st.station), h("td", {}, `${st.cells} cells`),
         h("td", { class: st.age_s !== null && st.age_s < 30 ? "pass" : "reject" },
           st.age_s === null ? "no verdicts" : `last verdict ${st.age_s} s ago`))))),
-      h("p", {}, `cameras seen: ${s.cameras.join(", ") || "none"}`));
+      h("p", {}, `cameras seen: ${s.cameras.join(", ") || "none"}`),
+      h("table", { id: "services" }, h("tbody", {}, s.services.map((v) => h("tr", {}, h("td", {}, `inspection ${v.address}`),
+        v.reachable ? h("td", { class: v.workers_alive === v.workers ? "pass" : "reject" },
+                        `${v.workers_alive}/${v.workers} workers up, ${v.restarts} restarts, ${v.cells_per_s ?? 0} cells/s`)
+                    : h("td", { class: "reject" }, `unreachable: ${v.detail}`))))));
   });
   stream.addEventListener("cell", (event) => {
     const c = JSON.parse(event.data);
