@@ -68,6 +68,7 @@ class CameraRunner:
         self._seq = itertools.count(time.time_ns() // 1_000)  # keys stay unique across station restarts
         self._presence = PresenceDetector(settings.presence) if settings.presence is not None else None
         self._cells = itertools.count(1)
+        self.latest: SourceFrame | None = None
         self.thread = threading.Thread(target=self.run, name=f"camera-{settings.name}", daemon=True)
 
     def run(self) -> None:
@@ -100,6 +101,7 @@ class CameraRunner:
                 return True
             self.counts["captured"] += 1
             self.captured.append(time.monotonic())
+            self.latest = frame  # a reference, no copy: the live view encodes it only when asked
             self._handle(frame)
         return False
 
@@ -130,6 +132,19 @@ class CameraRunner:
             return None
         name = f"{self.station.config.name}-{self.settings.name}-{self.station.run_id}-{next(self._cells):06d}"
         return name, self.station.book.lot, 1, "presence"
+
+    def live_jpeg(self) -> bytes | None:
+        """The newest captured frame as JPEG (the camera's own bytes when it sends JPEG), for a live view."""
+        frame = self.latest
+        if frame is None:
+            return None
+        if frame.encoding == "jpeg":
+            return bytes(frame.payload)
+        image = frame.payload if isinstance(frame.payload, np.ndarray) else cv2.imdecode(
+            np.frombuffer(frame.payload, np.uint8), cv2.IMREAD_COLOR)
+        if image.dtype != np.uint8:
+            image = (image >> 8).astype(np.uint8)
+        return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 _MAX_BODY = 4096
 
-#: A reply: status code and a JSON body, or a plain-text body (Prometheus metrics).
-Reply = tuple[int, dict[str, Any] | str]
-GetHandler = Callable[[], Reply]
+#: A reply: status code and a JSON body, a plain-text body (Prometheus metrics), or bytes and their media type.
+Reply = tuple[int, dict[str, Any] | str | tuple[bytes, str]]
+GetHandler = Callable[..., Reply]  # no argument, or the last path segment for a "/prefix/*" route
 PostHandler = Callable[[bytes], Reply]
 
 
@@ -60,21 +60,27 @@ def _handler(get: dict[str, GetHandler], post: dict[str, PostHandler]) -> type[B
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet access log
             pass
 
-        def _reply(self, code: int, body: dict[str, Any] | str) -> None:
-            text = isinstance(body, str)
-            data = (body if text else json.dumps(body)).encode()
+        def _reply(self, code: int, body: dict[str, Any] | str | tuple[bytes, str]) -> None:
+            if isinstance(body, tuple):
+                data, media = body
+            elif isinstance(body, str):
+                data, media = body.encode(), "text/plain; version=0.0.4"
+            else:
+                data, media = json.dumps(body).encode(), "application/json"
             self.send_response(code)
-            self.send_header("Content-Type", "text/plain; version=0.0.4" if text else "application/json")
+            self.send_header("Content-Type", media)
+            self.send_header("Cache-Control", "no-store")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            handler = get.get(self.path)
+            path = self.path.split("?", 1)[0]
+            handler = get.get(path) or get.get(path.rsplit("/", 1)[0] + "/*")
             if handler is None:
                 self._reply(404, {"detail": f"no such path {self.path}; try {', '.join(sorted(get))}"})
                 return
-            self._reply(*handler())
+            self._reply(*(handler(path.rsplit("/", 1)[1]) if path not in get else handler()))
 
         def do_POST(self) -> None:  # noqa: N802
             handler = post.get(self.path)
@@ -95,12 +101,20 @@ class StatusServer(EndpointServer):
 
     def __init__(self, address: str, station: Station) -> None:
         self.station = station
-        super().__init__(address, {"/status": lambda: (200, station.status()), "/healthz": self._health},
-                         {"/trigger": self._trigger}, "station-status")
+        super().__init__(address, {"/status": lambda: (200, station.status()), "/healthz": self._health,
+                                   "/live/*": self._live}, {"/trigger": self._trigger}, "station-status")
 
     def _health(self) -> Reply:
         running = sum(camera.state == "running" for camera in self.station.cameras)
         return 200 if running else 503, {"running_cameras": running, "cameras": len(self.station.cameras)}
+
+    def _live(self, name: str) -> Reply:
+        """``GET /live/<camera>.jpg``: the camera's newest frame."""
+        camera = next((c for c in self.station.cameras if f"{c.settings.name}.jpg" == name), None)
+        if camera is None:
+            return 404, {"detail": f"no camera {name!r}; cameras: {[c.settings.name for c in self.station.cameras]}"}
+        jpeg = camera.live_jpeg()
+        return (200, (jpeg, "image/jpeg")) if jpeg is not None else (503, {"detail": "no frame captured yet"})
 
     def _trigger(self, body: bytes) -> Reply:
         try:

@@ -245,3 +245,19 @@ def test_cells_found_by_presence_detection_in_the_camera_stream(tmp_path: Path, 
     assert all(h.lot == "LOT-P" for h in headers)
     passes = sum(1 for i, extent in enumerate(conveyor.extents) if extent is not None and conveyor.extents[i - 1] is None)
     assert passes == 5 and status["cameras"]["top"]["idle"] == len(conveyor.frames) - 5
+
+
+def test_the_status_endpoint_serves_each_cameras_newest_frame() -> None:
+    station = Station(station_config([{"name": "top", "cells": "source", "source": synthetic(3)}])).start()
+    try:
+        collect(station, 3)
+        address = station.status_server.address
+        with urllib.request.urlopen(f"http://{address}/live/top.jpg", timeout=5) as reply:
+            assert reply.headers["Content-Type"] == "image/jpeg"
+            image = cv2.imdecode(np.frombuffer(reply.read(), np.uint8), cv2.IMREAD_COLOR)
+        assert image.shape == (240, 320, 3)
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://{address}/live/nope.jpg", timeout=5)
+        assert missing.value.code == 404
+    finally:
+        station.stop()

@@ -21,6 +21,8 @@ from controllerkit import Line, RunningController, cell_verdict, make_settings, 
 
 from pouchline.datasets.synth import SynthConfig, render_cell  # noqa: E402
 from pouchline.inspect.overlay import rgba_png  # noqa: E402
+from pouchline.station.service import Station  # noqa: E402
+from test_station import station_config  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("POUCHLINE_TEST_ARTIFACTS", "test-artifacts")) / "ui"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -36,6 +38,10 @@ def page() -> Iterator[Page]:
         browser.close()
 
 
+def synthetic(count: int, *, seed: int, rate: float) -> dict:
+    return {"kind": "synthetic", "seed": seed, "count": count, "cells_per_s": rate, "size": [320, 240]}
+
+
 def _layer(width: int, height: int) -> bytes:
     layer = np.zeros((height // 4, width // 4, 4), np.uint8)
     layer[40:80, 50:110] = (255, 40, 0, 150)
@@ -43,7 +49,10 @@ def _layer(width: int, height: int) -> bytes:
 
 
 def test_qa_reviews_a_lot_in_the_browser(tmp_path: Path, page: Page) -> None:
-    settings = make_settings(tmp_path / "data", deadline_s=30.0)
+    station = Station(station_config([{"name": name, "cells": "source", "source": synthetic(1000, seed=i + 1, rate=2)}
+                                      for i, name in enumerate(("top", "side"))])).start()
+    assert station.status_server is not None
+    settings = make_settings(tmp_path / "data", deadline_s=30.0, stations=[station.status_server.address])
     seed_users(settings)
     controller = RunningController(settings)
     line = Line(controller)
@@ -129,8 +138,10 @@ def test_qa_reviews_a_lot_in_the_browser(tmp_path: Path, page: Page) -> None:
         page.get_by_role("link", name="SPC").click()
         expect(page.locator("h2")).to_contain_text("SPC")
         page.get_by_role("link", name="Cameras").click()
-        expect(page.locator(".card img")).to_have_count(1)
+        expect(page.locator("img.live")).to_have_count(2)  # the station's two cameras, live
+        expect(page.locator("img.live").first).to_have_js_property("naturalWidth", 320, timeout=10_000)
         page.screenshot(path=str(ARTIFACTS / "5-cameras.png"), full_page=True)
     finally:
         line.close()
         controller.stop()
+        station.stop()

@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 
 from pouchline.inspect.controller.auth import LoginLimiter
 from pouchline.inspect.controller.deps import get_settings, signer_for
-from pouchline.inspect.controller.routers import admin, alarms, cells, live, lots, session, spc, system
+from pouchline.inspect.controller.routers import admin, alarms, cameras, cells, live, lots, session, spc, system
 from pouchline.inspect.controller.runtime import Runtime
 from pouchline.inspect.controller.settings import ControllerSettings
 
@@ -44,7 +44,7 @@ def create_app(settings: ControllerSettings) -> FastAPI:
     app.state.signer = signer_for(settings)
     app.state.login_limiter = LoginLimiter(settings.login_attempts_per_minute)
     app.dependency_overrides[get_settings] = lambda: settings
-    for module in (system, session, lots, cells, alarms, admin, spc, live):
+    for module in (system, session, lots, cells, alarms, admin, spc, live, cameras):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=WEB), name="static")
 

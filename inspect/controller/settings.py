@@ -37,6 +37,8 @@ class ControllerSettings(BaseSettings):
     spc_rate_subgroup: int = Field(50, ge=10, description="Cells per subgroup in the p-chart of the defect rate.")
     inspection: list[str] = Field(default_factory=list, description="host:port of inspection services' status endpoints, "
                                                                      "for worker health on the dashboard.")
+    stations: list[str] = Field(default_factory=list, description="host:port of stations' status endpoints, for the live "
+                                                                   "camera view (only these are ever contacted).")
     secret_key: str | None = Field(None, description="Signs session cookies; default: generated once into data_dir.")
     login_attempts_per_minute: int = Field(10, ge=1, description="Failed logins per user name and client before a pause.")
 

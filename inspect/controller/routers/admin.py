@@ -25,11 +25,21 @@ class LineIn(BaseModel):
     stations: list[str] = Field(default_factory=list, max_length=64, description="Station names on this line.")
 
 
+class CellSpecIn(BaseModel):
+    """The cell's nominal dimensions (the swelling % and the review page refer to them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    length_mm: float | None = Field(None, gt=0, le=2000, description="Body length.")
+    width_mm: float | None = Field(None, gt=0, le=2000, description="Body width.")
+    thickness_mm: float | None = Field(None, gt=0, le=100, description="Nominal thickness.")
+
+
 class ProductIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=64)
-    spec: dict[str, float] = Field(default_factory=dict, description="length_mm, width_mm, thickness_mm, ...")
+    spec: CellSpecIn = Field(default_factory=CellSpecIn, description="Nominal cell dimensions.")
     policy: LotPolicy = Field(default_factory=LotPolicy, description="How its lots are decided.")
 
 
@@ -101,7 +111,8 @@ def put_line(name: str, body: LineIn, session: DbSession, who: Admin) -> LineIn:
 
 
 def _product_out(product: Product) -> ProductOut:
-    return ProductOut(id=product.id, name=product.name, spec=product.spec, policy=LotPolicy.model_validate(product.policy))
+    return ProductOut(id=product.id, name=product.name, spec=CellSpecIn.model_validate(product.spec),
+                      policy=LotPolicy.model_validate(product.policy))
 
 
 @router.get("/products", response_model=list[ProductOut])
@@ -118,7 +129,7 @@ def put_product(name: str, body: ProductIn, session: DbSession, who: Admin) -> P
     if product is None:
         product = Product(name=name)
         session.add(product)
-    product.spec, product.policy = dict(body.spec), body.policy.model_dump()
+    product.spec, product.policy = body.spec.model_dump(), body.policy.model_dump()
     audit(session, who.name, "product_saved", name, before=before, after={"spec": product.spec, "policy": product.policy})
     session.commit()  # committed before the reply: the caller may act on it at once
     session.flush()

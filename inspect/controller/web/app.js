@@ -275,17 +275,22 @@ function chart(data) {
 
 // -- cameras and audit ----------------------------------------------------------------------------------
 async function live() {
-  const summary = await api("/api/v1/summary");
-  const shots = await Promise.all(summary.stations.map(async (s) => [s, await api(`/api/v1/reviews/reference?station=${encodeURIComponent(s.station)}`).catch(() => null)]));
-  const flagged = await api("/api/v1/cells?decision=reject&limit=12");
-  render(h("h2", {}, "Cameras"), h("p", {}, "The newest stored frame per station (flagged cells and audit samples are stored)."),
-    h("div", { class: "cards" }, summary.stations.map((s) => {
-      const latest = flagged.items.find((c) => c.station === s.station && c.inspections.some((i) => i.image));
-      const cell = latest || (shots.find(([st]) => st.station === s.station) || [])[1];
-      const image = cell && cell.inspections.find((i) => i.image);
-      return h("div", { class: "card" }, h("h3", {}, s.station), image ? h("img", { src: `/api/v1/images/${image.image}`, style: "max-width:100%" }) : "no image yet",
-        h("p", {}, `last verdict ${s.age_s ?? "–"} s ago`));
-    })));
+  const stations = await api("/api/v1/cameras");
+  const images = [];
+  render(h("h2", {}, "Cameras"),
+    stations.length ? "" : h("p", {}, "No stations configured (controller setting `stations`)."),
+    h("div", { class: "cards" }, stations.flatMap((s) => s.reachable
+      ? s.cameras.map((c) => {
+          const image = h("img", { class: "live", alt: `${s.station}/${c.name}`, style: "max-width:100%",
+                                   "data-src": `/api/v1/cameras/${encodeURIComponent(s.station)}/${encodeURIComponent(c.name)}.jpg` });
+          images.push(image);
+          return h("div", { class: "card" }, h("h3", {}, `${s.station} / ${c.name}`), image,
+                   h("p", { class: c.state === "running" ? "pass" : "reject" }, `${c.state}, ${c.fps} frames/s`));
+        })
+      : [h("div", { class: "card reject" }, h("h3", {}, s.address), "station unreachable")])));
+  const refresh = () => images.forEach((image) => { image.src = `${image.dataset.src}?t=${Date.now()}`; });
+  refresh();
+  const timer = setInterval(() => (location.hash.startsWith("#/live") ? refresh() : clearInterval(timer)), 1000);
 }
 
 async function audit() {
