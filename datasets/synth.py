@@ -10,7 +10,7 @@ import json
 import multiprocessing
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from pouchline.datasets.domain import Domain, load_domain
 from pouchline.datasets.manifest import MANIFEST, DatasetError, DatasetReader, DatasetWriter
 from pouchline.datasets.records import DEFORMATION_KINDS, SYNTH_CLASSES, DatasetInfo
 from pouchline.datasets.render import VIEWS, ViewName, render
-from pouchline.datasets.scene import COSMETIC_RATE, sample_scene
+from pouchline.datasets.scene import COSMETIC_RATE, MAX_SWELLING_MM, sample_scene
 from pouchline.datasets.spec import CellSpec
 
 #: Synthetic capture clock: 2026-01-01T00:00:00Z plus the cell's index over the line rate.
@@ -87,12 +87,17 @@ def cell_id(seed: int, index: int) -> str:
     return f"s{seed}-c{index:06d}"
 
 
-def render_cell(config: SynthConfig, index: int) -> list[dict[str, Any]]:
-    """Every view of cell ``index`` as writer arguments (fields, JPEG and mask bytes)."""
+def render_cell(config: SynthConfig, index: int, swelling_offset_mm: float = 0.0) -> list[dict[str, Any]]:
+    """Every view of cell ``index`` as writer arguments (fields, JPEG and mask bytes).
+
+    ``swelling_offset_mm`` adds swelling to the drawn cell (a supplier's material drifting);
+    its labels follow from the spec as always, so a large enough drift makes cells swollen."""
     scene = sample_scene(
         config.seed, index, spec=config.spec, domain=config.domain, defect_rate=config.defect_rate, kinds=config.kinds,
         cosmetic_rate=config.cosmetic_rate,
     )
+    if swelling_offset_mm:
+        scene = replace(scene, swelling_mm=min(MAX_SWELLING_MM, scene.swelling_mm + swelling_offset_mm))
     labels, severities = scene.labels()
     cell = cell_id(config.seed, index)
     frames = []

@@ -7,6 +7,7 @@ the side-by-side comparisons, with the key names the issues give.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -68,18 +69,31 @@ class BenchReport:
         }
 
     def print(self, console: Console) -> None:
-        """Results as a table, then the headline figures and ratios."""
+        """Results as a table when it fits the terminal, else one block per case; then the
+        headline figures and ratios, one per line (a table squeezed into 80 columns wraps every
+        cell into an unreadable column of fragments)."""
         if self.results:
-            table = Table(title=f"pouchline bench {self.bench}")
             columns = list(dict.fromkeys(key for row in self.results for key in row))
+            table = Table(title=f"pouchline bench {self.bench}")
             for column in columns:
-                table.add_column(column, justify="left" if column == "case" else "right")
+                table.add_column(column, justify="left" if column == "case" else "right", no_wrap=True)
             for row in self.results:
                 table.add_row(*(_fmt(row.get(column, "")) for column in columns))
-            console.print(table)
+            natural = Console(width=100_000, file=io.StringIO()).measure(table).maximum
+            if natural <= console.width:
+                console.print(table)
+            else:
+                console.print(f"[bold]pouchline bench {self.bench}[/bold]")
+                for row in self.results:
+                    label = str(row.get("case") or " ".join(str(row[key]) for key in ("system", "payload", "mode") if key in row))
+                    pairs = [f"{key} {_fmt(value)}" for key, value in row.items()
+                             if key not in ("system", "payload", "mode", "case") and value != ""]
+                    console.print(f"[bold]{label}[/bold]: " + ", ".join(pairs))
         for title, values in (("figures", self.figures), ("ratios", self.ratios)):
             if values:
-                console.print(f"[bold]{title}:[/bold] " + ", ".join(f"{k} = {_fmt(v)}" for k, v in values.items()))
+                console.print(f"[bold]{title}[/bold]")
+                for key, value in values.items():
+                    console.print(f"  {key} = {_fmt(value)}")
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,17 +42,6 @@ def main_options(
     """Vision inspection for lithium pouch-cell production lines."""
 
 
-def _not_built(group: str, issue: int, what: str) -> typer.Typer:
-    """A group a later issue fills: its help says so, and running it fails clearly."""
-    sub = typer.Typer(help=f"{what} (not built yet: issue #{issue})", invoke_without_command=True)
-
-    @sub.callback()
-    def placeholder() -> None:
-        raise fail(f"`pouchline {group}` is not built yet (issue #{issue}: {what})")
-
-    return sub
-
-
 bench_app = typer.Typer(help="Benchmarks: a table on the terminal and a JSON report.", no_args_is_help=True)
 
 
@@ -151,7 +140,33 @@ app.add_typer(station_app, name="station")
 app.add_typer(inspect_app, name="inspect")
 app.add_typer(controller_app, name="controller")
 app.add_typer(bench_app, name="bench")
-app.add_typer(_not_built("demo", 7, "one command runs a whole line"), name="demo")
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="Where the controller keeps its database and images.")] = Path("pouchline-demo"),
+    duration: Annotated[float | None, typer.Option(min=1, help="Run headless this long (s), then print a summary.")] = None,
+    stations: Annotated[int, typer.Option(min=1, max=8, help="Synthetic stations (a top and a side camera each).")] = 2,
+    cells_per_s: Annotated[float, typer.Option(min=0.5, max=50, help="Cells per second per station.")] = 5.0,
+    drift_after: Annotated[float, typer.Option(min=0, help="Seconds before the drifting supplier batch arrives.")] = 20.0,
+    http: Annotated[str, typer.Option(help="host:port of the web UI and API.")] = "127.0.0.1:8300",
+    workers: Annotated[int | None, typer.Option(min=1, help="Inspection worker processes (default: one per core).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the final summary here.")] = None,
+) -> None:
+    """A whole line on this machine: controller + web UI, inspection workers, synthetic stations."""
+    import json
+
+    from pouchline.inspect.demo import DemoOptions, run
+
+    options = DemoOptions(data_dir=data_dir, stations=stations, cells_per_s=cells_per_s, drift_after_s=drift_after,
+                          http=http, workers=workers)
+    try:
+        summary = run(options, duration, console)
+    except (RuntimeError, OSError, ModelError) as exc:
+        raise fail(str(exc)) from exc
+    if json_path is not None:
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
 
 
 def main() -> None:

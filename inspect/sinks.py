@@ -85,7 +85,12 @@ class ControllerLink:
         self.receive()
         self.resend()
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 5.0) -> None:
+        """Wait up to ``drain_s`` for the last acknowledgements, then close (what is left is reported)."""
+        deadline = time.monotonic() + drain_s
+        while self.unacked and time.monotonic() < deadline:
+            self.socket.poll(50)
+            self.tick()
         if self.unacked:
             log.error("verdict link to %s closed with %d cell verdicts not acknowledged", self.endpoint, len(self.unacked))
         self.socket.close(linger=0)

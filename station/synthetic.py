@@ -36,6 +36,10 @@ class SyntheticConfig(BaseModel):
     kinds: list[str] = Field(list(DEFORMATION_KINDS), description="Deformation kinds defective cells are drawn from.")
     lot_size: int = Field(200, ge=1, description="Cells per lot.")
     count: int | None = Field(None, ge=1, description="Cells before the stream ends; none = endless.")
+    drift_after: int | None = Field(None, ge=0, description="From this cell on, the material drifts: swelling grows "
+                                                            "by drift_mm_per_cell per cell (a supplier's silent change).")
+    drift_mm_per_cell: float = Field(0.004, ge=0, le=1, description="Swelling added per cell once drifting.")
+    drift_max_mm: float = Field(0.15, ge=0, le=5, description="Largest swelling the drift adds.")
 
     @field_validator("views")
     @classmethod
@@ -96,6 +100,13 @@ class SyntheticSource:
         self._pending: deque[SourceFrame] = deque()
         self._pacer = Pacer()
 
+    def drift(self, index: int) -> float:
+        """Swelling the drift adds to cell ``index`` (0 before ``drift_after``)."""
+        start = self.config.drift_after
+        if start is None or index < start:
+            return 0.0
+        return min(self.config.drift_max_mm, (index - start + 1) * self.config.drift_mm_per_cell)
+
     def open(self) -> None:
         """Start (again) at cell 0: the stream is the same every time."""
         self._index, self._pending, self._pacer = 0, deque(), Pacer()
@@ -104,7 +115,7 @@ class SyntheticSource:
         if not self._pending:
             if self.config.count is not None and self._index >= self.config.count:
                 return None
-            views = render_cell(self._synth, self._index)
+            views = render_cell(self._synth, self._index, self.drift(self._index))
             if self.config.cells_per_s:
                 self._pacer.wait(self._index / self.config.cells_per_s)
             # Stamped at release, after rendering and pacing: the moment a camera would capture.

@@ -36,15 +36,6 @@ def test_version() -> None:
     assert code == 0 and out.strip() == f"pouchline {metadata.version('pouchline')}"
 
 
-@pytest.mark.parametrize(
-    "group,issue", [("demo", 7)]
-)
-def test_unbuilt_groups_say_so_and_fail(group: str, issue: int) -> None:
-    code, out = invoke(group)
-    assert code == 2
-    assert "not built yet" in out and f"#{issue}" in out
-
-
 def test_synth_info_sheet_validate(tmp_path: Path) -> None:
     data = tmp_path / "cells"
     code, out = invoke("dataset", "synth", "--out", str(data), "--count", "12", "--seed", "5", "--view", "both",
@@ -134,3 +125,24 @@ def test_bench_synth_writes_the_report(tmp_path: Path) -> None:
     assert data["figures"]["frames_per_s_1core"] > 0
     assert {"jpeg_vs_render_only", "side_vs_top", "2workers_vs_1core"} <= set(data["ratios"])
     assert len(data["results"]) == 4
+
+
+def test_bench_reports_stay_readable_in_80_columns() -> None:
+    import io
+
+    from rich.console import Console
+
+    from pouchline.inspect.benchreport import BenchReport
+
+    report = BenchReport("demo", results=[{"case": f"system {i} jpeg saturation", "offered": 3000, "received": 2999,
+                                           "frames_per_s": 5386.2, "p50_ms": 2.44, "p99_ms": 10.45,
+                                           "sender_cpu_ms_per_frame": 0.179, "receiver_cpu_ms_per_frame": 0.091}
+                                          for i in range(3)],
+                         figures={"silent_drops": 0}, ratios={"fps_vs_imagezmq_reqrep_jpeg": 0.9})
+    for width in (80, 200):
+        out = io.StringIO()
+        report.print(Console(file=out, width=width, color_system=None))
+        text = out.getvalue()
+        assert max(len(line) for line in text.splitlines()) <= width
+        assert all(f"system {i} jpeg saturation" in text for i in range(3))  # never cut to "system 1 jp…"
+        assert "fps_vs_imagezmq_reqrep_jpeg = 0.9" in text and "5386" in text

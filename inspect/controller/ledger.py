@@ -46,11 +46,16 @@ def audit(session: Session, actor: str, action: str, subject: str, reason: str =
     session.add(AuditEntry(at=utcnow(), actor=actor, action=action, subject=subject, reason=reason, detail=detail))
 
 
-def raise_alarm(session: Session, kind: str, subject: str, message: str) -> Alarm:
+def raise_alarm(session: Session, kind: str, subject: str, message: str) -> Alarm | None:
+    """A new alarm, unless the same kind is already open on the same subject (a drifting batch
+    breaks a rule at every subgroup: one alarm until someone acknowledges it, not a flood)."""
+    if session.scalar(select(Alarm.id).where(Alarm.kind == kind, Alarm.subject == subject,
+                                             Alarm.acknowledged_at.is_(None)).limit(1)) is not None:
+        return None
     alarm = Alarm(kind=kind, subject=subject, message=message, raised_at=utcnow())
     session.add(alarm)
     audit(session, CONTROLLER, "alarm", subject, message, kind=kind)
-    log.warning("alarm %s on %s: %s", kind, subject, message)
+    log.info("alarm %s on %s: %s", kind, subject, message)
     return alarm
 
 
