@@ -169,6 +169,70 @@ def demo(
         console.print(f"wrote {json_path}")
 
 
+@app.command()
+def replay(
+    data: Annotated[Path, typer.Argument(help="Recorded dataset folder.")],
+    speed: Annotated[str, typer.Option(help="1 = the recorded timing, N = N times faster, max = as fast as workers take it.")] = "1",
+    bind: Annotated[str, typer.Option(help="Endpoint inspection workers connect to (the replay serves frames there, "
+                                           "like a station).")] = "tcp://127.0.0.1:5555",
+    status: Annotated[str | None, typer.Option(help="host:port of the replay's status endpoint.")] = None,
+    loop: Annotated[bool, typer.Option(help="Start again after the last record.")] = False,
+) -> None:
+    """Publish a recorded dataset through the same transport as a live station."""
+    from pouchline.datasets.manifest import DatasetError, DatasetReader
+    from pouchline.station.config import ConfigError, StationConfig
+    from pouchline.station.service import Station
+
+    fast = speed == "max"
+    try:
+        DatasetReader(data)  # a missing or broken dataset fails here, naming the problem, not in a retry loop
+        factor = 1.0 if fast else float(speed)
+        config = StationConfig.model_validate({
+            "name": "replay", "bind": bind, "status": status, "exit_when_done": not loop,
+            "cameras": [{"name": "replay", "cells": "source", "source": {"kind": "replay", "path": str(data),
+                                                                         "speed": factor, "fast": fast, "loop": loop}}],
+        })
+        station = Station(config).start()
+    except (ValueError, ConfigError, OSError, DatasetError) as exc:
+        raise fail(f"replay {data}: {exc}") from exc
+    console.print(f"replaying {data} at {speed}x on {station.server.endpoint}; point inspection workers there")
+    station.wait()
+    final = station.stop()
+    console.print(f"replayed {final['cameras']['replay'].get('sent', 0)} frames")
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="Labelled dataset folder (recorded or synthetic).")],
+    report: Annotated[Path, typer.Option(help="Report folder: report.html, evaluation.json, plots.")],
+    model: Annotated[Path, typer.Option(help="ONNX model.")] = _SHIPPED.with_suffix(".int8.onnx"),
+    compare: Annotated[Path | None, typer.Option(help="A second model: the cells the two disagree on, side by side.")] = None,
+    policy: Annotated[Path | None, typer.Option(help="Lot policy JSON (a product's `policy`); default threshold policy.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Inspection worker processes.")] = None,
+) -> None:
+    """Replay a labelled dataset through the real pipeline and score it (recall, precision, false rejects, lots, latency)."""
+    from pydantic import ValidationError
+
+    from pouchline.datasets.manifest import DatasetError
+    from pouchline.inspect.controller.lotpolicy import LotPolicy
+    from pouchline.inspect.evaluation import evaluate_pipeline
+
+    try:
+        lot_policy = LotPolicy.model_validate_json(policy.read_text()) if policy else None
+        summary = evaluate_pipeline(data, model, report, compare=compare, policy=lot_policy, workers=workers)
+    except (DatasetError, ModelError, ValidationError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from exc
+    for run in summary["runs"]:
+        metrics = run["metrics"]
+        console.print(f"[bold]{Path(run['model']).name}[/bold]: " + ", ".join(
+            f"{name} recall {metrics[name]['recall']:.4f}" for name in ("swollen", "deformed") if name in metrics)
+            + f", false-reject rate {metrics.get('false_reject_rate', float('nan')):.4f}, "
+              f"p99 {metrics['latency_ms'].get('p99', float('nan')):.0f} ms")
+    if "disagreements" in summary:
+        console.print(f"{len(summary['disagreements'])} cells where the models disagree")
+    console.print(f"wrote {report / 'report.html'}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
