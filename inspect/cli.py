@@ -233,6 +233,21 @@ def evaluate(
     console.print(f"wrote {report / 'report.html'}")
 
 
+@app.command("config-reference")
+def config_reference(
+    out: Annotated[Path | None, typer.Option(help="Write the Markdown here (default: print it).")] = None,
+) -> None:
+    """The configuration reference of stations, inspection, controller and lot policies, from their models."""
+    from pouchline.inspect.configdocs import reference
+
+    text = reference()
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text)
+        console.print(f"wrote {out}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -146,3 +146,12 @@ def test_bench_reports_stay_readable_in_80_columns() -> None:
         assert max(len(line) for line in text.splitlines()) <= width
         assert all(f"system {i} jpeg saturation" in text for i in range(3))  # never cut to "system 1 jp…"
         assert "fps_vs_imagezmq_reqrep_jpeg = 0.9" in text and "5386" in text
+
+
+def test_the_configuration_reference_is_generated_from_the_models() -> None:
+    from pouchline.inspect.configdocs import reference
+
+    committed = (Path(__file__).parent.parent / "CONFIG.md").read_text()
+    assert committed == reference(), "CONFIG.md is stale: run `pouchline config-reference --out CONFIG.md`"
+    for key in ("`cell_deadline_s`", "`batching.max_batch`", "`deadline_s`", "`cameras.source.drift_after`", "`aql`"):
+        assert key in committed
