@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -88,3 +89,37 @@ def test_demo_runs_a_whole_line_and_leaves_nothing_behind(tmp_path: Path) -> Non
     assert any(subject.endswith(DRIFTING_BATCH) for _, subject in alarms), alarms  # the drift was caught
     assert summary["spc_alarm"] and summary["p99_latency_ms"] is not None
     assert database.execute("PRAGMA integrity_check").fetchone()[0] == "ok"  # a clean shutdown, no corrupt database
+
+
+def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
+    http = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, "-c", "from pouchline.inspect.cli import main; main()", "demo", "--data-dir",
+               str(tmp_path / "demo"), "--http", http, "--stations", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children: set[tuple[int, str]] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            children |= _children(process.pid)
+            try:
+                if httpx.get(f"http://{http}/readyz", timeout=1).status_code == 200 and len(children) >= 2:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        time.sleep(3)  # a few cells go through
+        children |= _children(process.pid)
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "stopping: stations, workers, controller" in output
+    deadline = time.monotonic() + 5
+    while (left := children & set(_processes())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes left behind: {left}"
+    database = sqlite3.connect(tmp_path / "demo" / "controller.db")
+    assert database.execute("SELECT count(*) FROM cells").fetchone()[0] > 0
+    assert database.execute("SELECT count(*) FROM cells WHERE decision = 'pending'").fetchone()[0] == 0
