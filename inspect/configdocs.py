@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -17,6 +18,8 @@ from pouchline.inspect.config import InspectConfig
 from pouchline.inspect.controller.lotpolicy import LotPolicy
 from pouchline.inspect.controller.settings import ControllerSettings
 from pouchline.station.config import StationConfig
+
+_PACKAGE = Path(__file__).resolve().parent.parent
 
 #: (title, model, where it lives) in the order the reference lists them.
 DOCUMENTS: tuple[tuple[str, type[BaseModel], str], ...] = (
@@ -53,6 +56,9 @@ def _default(field: Any) -> str:
         return "see below" if isinstance(value, BaseModel) else f"`{value!r}`"
     if field.default is PydanticUndefined:
         return "**required**"
+    if isinstance(field.default, Path):  # files shipped in the package: relative to it, not to this machine
+        path = field.default
+        return f"`{path.relative_to(_PACKAGE)}` (in the package)" if path.is_relative_to(_PACKAGE) else f"`{path}`"
     return f"`{field.default!r}`"
 
 
