@@ -136,11 +136,15 @@ def test_qa_reviews_a_lot_in_the_browser(tmp_path: Path, page: Page) -> None:
         page.screenshot(path=str(ARTIFACTS / "4-audit.png"), full_page=True)
 
         page.get_by_role("link", name="SPC").click()
-        expect(page.locator("h2")).to_contain_text("SPC")
+        expect(page.locator("h2")).to_contain_text("SPC — PL-5000")
+        expect(page.locator("svg.chart")).to_have_count(2)  # X-bar and R of 12 cells in subgroups of 5; p needs more
+        expect(page.locator("svg.chart").first.locator("circle")).to_have_count(2)
+        expect(page.locator("main")).not_to_contain_text("[object")
+        page.screenshot(path=str(ARTIFACTS / "5-spc.png"), full_page=True)
         page.get_by_role("link", name="Cameras").click()
         expect(page.locator("img.live")).to_have_count(2)  # the station's two cameras, live
         expect(page.locator("img.live").first).to_have_js_property("naturalWidth", 320, timeout=10_000)
-        page.screenshot(path=str(ARTIFACTS / "5-cameras.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / "6-cameras.png"), full_page=True)
     finally:
         line.close()
         controller.stop()

@@ -36,7 +36,7 @@ async function api(path, options = {}) {
   return reply.status === 204 ? null : reply.json();
 }
 
-function render(...nodes) { view().replaceChildren(...nodes); }
+function render(...nodes) { view().replaceChildren(...nodes.flat()); }
 
 // -- login ----------------------------------------------------------------------------------
 function showLogin(message = "") {
@@ -251,9 +251,14 @@ async function spcView(params) {
   render(h("h2", {}, `SPC — ${product}${batch ? ` / ${batch}` : ""}`), pick,
     h("p", {}, `Limits from the product's first ${data.baseline_subgroups} subgroups; red dots break a Western Electric rule.`),
     Object.keys(titles).map((name) => data.charts[name]
-      ? h("section", {}, h("h3", {}, titles[name]), chart(data.charts[name]),
-          h("ul", {}, data.charts[name].violations.map((v) => h("li", { class: "reject" }, v.message))))
+      ? h("section", {}, h("h3", {}, titles[name]), chart(data.charts[name]), violations(data.charts[name].violations))
       : h("p", {}, `${titles[name]}: not enough cells yet.`)));
+}
+
+function violations(found, shown = 8) {
+  const recent = found.slice(-shown).reverse();
+  return h("div", {}, h("p", {}, found.length ? `${found.length} rule violations${found.length > shown ? `, the latest ${shown}` : ""}:` : "No rule violations."),
+           h("ul", {}, recent.map((v) => h("li", { class: "reject" }, v.message))));
 }
 
 function chart(data) {
