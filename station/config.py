@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -97,22 +97,32 @@ class ConfigError(Exception):
     """A station config that cannot be used; the message names the file and the key."""
 
 
-def load_toml(path: Path, model: type[ConfigT], what: str) -> ConfigT:
-    """Read and validate a TOML config file; `ConfigError` names the file and every bad key."""
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """The raw table of a TOML config file; `ConfigError` for a missing file or bad TOML."""
     try:
-        raw = tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text())
     except FileNotFoundError as error:
         raise ConfigError(f"{path}: no such {what} config") from error
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
+
+
+def config_problems(where: object, error: ValidationError) -> ConfigError:
+    """One `ConfigError` naming ``where`` and every bad key."""
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}"
+        for problem in error.errors()
+    )
+    return ConfigError(f"{where}: {problems}")
+
+
+def load_toml(path: Path, model: type[ConfigT], what: str) -> ConfigT:
+    """Read and validate a TOML config file; `ConfigError` names the file and every bad key."""
+    raw = read_toml(path, what)
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}"
-            for problem in error.errors()
-        )
-        raise ConfigError(f"{path}: {problems}") from error
+        raise config_problems(path, error) from error
 
 
 def load_config(path: Path) -> StationConfig:

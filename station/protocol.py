@@ -284,13 +284,22 @@ class FrameRef:
         ``zero_copy`` the payload views the arena: valid only until the worker is done with
         the frame, and `Frame.image`/`Frame.verify` refuse it if the station reused it."""
         header = self.header
-        view, lease = arena.view(self.reference, header.nbytes, f"frame {header.key}")
+        try:
+            view, lease = arena.view(self.reference, header.nbytes, f"frame {header.key}")
+        except ProtocolError as error:  # a lying reference still names its frame; a stale one is redelivered
+            if error.kind != "arena_invalid":
+                raise
+            raise ProtocolError(error.kind, error.message, self.salvage()) from error
         payload = view if zero_copy else memoryview(bytes(view))
         problem = _payload_problem(header, payload)
         lease()  # the copy or the checks above read the bytes: they must still have been this frame's
         if problem is not None:
-            raise ProtocolError("payload_mismatch", f"frame {header.key}: {problem}", salvage_fields(header.model_dump()))
+            raise ProtocolError("payload_mismatch", f"frame {header.key}: {problem}", self.salvage())
         return Frame(header, payload, lease if zero_copy else None)
+
+    def salvage(self) -> dict[str, Any] | None:
+        """The identifying fields of this frame, for refusing it (see `salvage_fields`)."""
+        return salvage_fields(self.header.model_dump())
 
 
 class Hello(BaseModel):

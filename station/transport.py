@@ -63,7 +63,6 @@ from pouchline.station.protocol import (
     decode,
     encode_control,
     encode_frame,
-    salvage_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -590,15 +589,10 @@ class FrameClient:
                 self.rejected.record(ProtocolError("unexpected", f"a station sent a {type(message).__name__} message"))
 
     def _resolve(self, link: _Link, ref: FrameRef) -> Frame:
-        try:
-            if link.arena is None:
-                raise ProtocolError("arena_invalid", f"frame {ref.header.key} came by reference, "
-                                                     "but no arena of its station is mapped here")
-            return ref.resolve(link.arena, zero_copy=self.zero_copy)
-        except ProtocolError as error:
-            if error.kind != "arena_invalid" or error.salvage is not None:
-                raise
-            raise ProtocolError(error.kind, error.message, salvage_fields(ref.header.model_dump())) from error
+        if link.arena is None:
+            raise ProtocolError("arena_invalid", f"frame {ref.header.key} came by reference, but no arena of its "
+                                                 "station is mapped here", ref.salvage())
+        return ref.resolve(link.arena, zero_copy=self.zero_copy)
 
     def _answer(self, link: _Link, error: ProtocolError) -> None:
         """A refused frame that still names itself is answered: its credit goes back at once and

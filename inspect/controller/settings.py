@@ -7,14 +7,13 @@ The FastAPI way: one `ControllerSettings` object, built once and handed to the a
 from __future__ import annotations
 
 import secrets
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pouchline.station.config import ConfigError
+from pouchline.station.config import config_problems, read_toml
 
 
 class ControllerSettings(BaseSettings):
@@ -59,18 +58,10 @@ class ControllerSettings(BaseSettings):
 
 def load_settings(path: Path | None = None, **overrides: Any) -> ControllerSettings:
     """Settings from ``path`` (TOML), then the environment, then ``overrides``."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            values = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError as error:
-            raise ConfigError(f"{path}: no such controller config") from error
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    values = read_toml(path, "controller") if path is not None else {}
     try:
         environment = ControllerSettings()  # what POUCHLINE_CONTROLLER_* variables set wins over the file
         from_env = {name: getattr(environment, name) for name in environment.model_fields_set}
         return ControllerSettings(**{**values, **from_env, **overrides})
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors())
-        raise ConfigError(f"{path or 'controller settings'}: {problems}") from error
+        raise config_problems(path or "controller settings", error) from error
