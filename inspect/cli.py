@@ -95,6 +95,8 @@ def bench_model(
     int8: Annotated[Path, typer.Option(help="INT8 ONNX model.")] = _SHIPPED.with_suffix(".int8.onnx"),
     weights: Annotated[Path, typer.Option(help="The same weights for PyTorch eager (.pt).")] = _SHIPPED.with_suffix(".pt"),
     frames: Annotated[int, typer.Option(min=32, help="Fresh synthetic frames for the accuracy columns.")] = 600,
+    rounds: Annotated[int, typer.Option(min=1, help="Interleaved throughput runs per runtime; the median is reported.")] = 5,
+    seconds: Annotated[float, typer.Option(min=0.05, help="Length of each throughput run.")] = 1.0,
 ) -> None:
     """PyTorch eager vs onnxruntime FP32 vs INT8: latency, throughput, accuracy (ratio `ort_int8_vs_torch_throughput`)."""
     from pouchline.models.bench import run
@@ -104,7 +106,7 @@ def bench_model(
     except ImportError as exc:
         raise fail("bench model compares against PyTorch eager: pip install torch==2.13.0 first") from exc
     try:
-        report = run(model, int8, weights, frames=frames)
+        report = run(model, int8, weights, frames=frames, rounds=rounds, seconds=seconds)
     except (ModelError, FileNotFoundError) as exc:
         raise fail(str(exc)) from exc
     _show(report, json_path)

@@ -119,7 +119,8 @@ top-view crop of one pouch cell. It outputs:
 Files:
 
 - `{MODEL_NAME}.onnx`: FP32.
-- `{MODEL_NAME}.int8.onnx`: static INT8, QDQ, per-channel.
+- `{MODEL_NAME}.int8.onnx`: static INT8, QDQ, per-channel; the uint8 pixels go straight into the
+  quantised stem convolution (see `pouchline.models.stemquant`).
 - A metadata JSON next to each file: input size, normalisation, classes, thresholds,
   swelling calibration, training-data hash, metrics, SHA-256.
 - `{MODEL_NAME}.pt`: the same weights for PyTorch, used by `pouchline bench model`.

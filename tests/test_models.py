@@ -119,6 +119,68 @@ def test_onnx_matches_pytorch_and_takes_any_batch(tiny: dict[str, Path]) -> None
             np.testing.assert_allclose(value, torch_out[name], rtol=1e-3, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_int8_stem_rewrite_is_the_same_convolution(channels: int) -> None:
+    """The stem's 3x3 stride-2 kernel over pixels equals the 3x2 kernel over groups of 4 pixels."""
+    from pouchline.models.stemquant import _grouped_weights
+
+    rng = np.random.default_rng(channels)
+    weight = rng.normal(size=(16, channels, 3, 3))
+    image = rng.normal(size=(2, 112, 208, channels))  # NHWC, as the model takes it
+    direct = torch.nn.functional.conv2d(torch.from_numpy(image).permute(0, 3, 1, 2), torch.from_numpy(weight),
+                                        stride=2, padding=1)
+    grouped_in = torch.from_numpy(image.reshape(2, 112, 52, 4 * channels)).permute(0, 3, 1, 2)
+    grouped_out = torch.nn.functional.conv2d(torch.nn.functional.pad(grouped_in, (1, 0, 1, 0)),
+                                             torch.from_numpy(_grouped_weights(weight, channels)), stride=(2, 1))
+    ungrouped = grouped_out.permute(0, 2, 3, 1).reshape(2, 56, 104, 16).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(ungrouped.numpy(), direct.numpy(), atol=1e-9)
+
+
+def test_int8_graph_takes_pixels_straight_into_quantised_convolutions(tiny: dict[str, Path]) -> None:
+    import onnx
+
+    from pouchline.models.export import score_outputs
+
+    graph = onnx.load(str(tiny["int8"])).graph
+    ops = [node.op_type for node in graph.node]
+    assert "Pad" not in ops and "Cast" not in ops  # no float stem left
+    assert all(node.input[0] != "image" or node.op_type == "Reshape" for node in graph.node)
+    crops = np.stack([Inferencer(tiny["model"]).pre_process(frame(i))[0] for i in range(32)])
+    fp32, int8 = score_outputs(tiny["model"], crops), score_outputs(tiny["int8"], crops)
+    np.testing.assert_allclose(int8["probs"], fp32["probs"], atol=0.05)
+    np.testing.assert_allclose(int8["swelling_mm"], fp32["swelling_mm"], atol=0.1)
+    # A graph that is not the exported detector's is refused, not half rewritten.
+    from pouchline.models.stemquant import quantise_stem
+
+    with pytest.raises(ModelError, match="INT8 stem: expected 'relu' to feed one QuantizeLinear"):
+        quantise_stem(onnx.load(str(tiny["model"])), 99.0)
+
+
+def test_bench_model_compares_the_three_runtimes(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pouchline.inspect.cli import app
+    from pouchline.models.bench import save_weights
+
+    weights = tmp_path / "weights.pt"
+    save_weights(tiny["run"], weights)
+    report = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "model", "--model", str(tiny["model"]), "--int8", str(tiny["int8"]),
+                                      "--weights", str(weights), "--frames", "40", "--rounds", "2", "--seconds", "0.1",
+                                      "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    rows = {(row["case"], row["threads"]): row for row in data["results"]}
+    assert set(rows) == {(case, threads) for case in ("torch eager", "onnxruntime fp32", "onnxruntime int8")
+                         for threads in (1, 2)}
+    for row in rows.values():
+        assert len(row["runs_images_per_s"]) == 2 and row["batch16_images_per_s"] > 0
+    # The same weights in all three: their accuracy agrees.
+    assert abs(rows[("torch eager", 2)]["auroc_swollen"] - rows[("onnxruntime fp32", 2)]["auroc_swollen"]) < 1e-3
+    ratio = data["ratios"]["ort_int8_vs_torch_throughput"]
+    assert ratio == rows[("onnxruntime int8", 2)]["batch16_images_per_s"] / rows[("torch eager", 2)]["batch16_images_per_s"]
+
+
 def test_metadata_describes_the_file(tiny: dict[str, Path]) -> None:
     meta = json.loads(metadata_path(tiny["model"]).read_text())
     assert meta["input"]["width"] == CROP_SIZE[0] and meta["input"]["channels"] == 1
