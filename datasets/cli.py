@@ -23,7 +23,9 @@ from pouchline.datasets.validate import validate_dataset
 
 app = typer.Typer(help="Make, inspect, check and import datasets.", no_args_is_help=True)
 console = Console()
-errors = Console(stderr=True)
+#: Soft wrap: an error names a file, line and field, and a line break inside a path would
+#: keep it from being copied (the terminal wraps long lines itself).
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str) -> typer.Exit:

@@ -282,11 +282,14 @@ def test_imported_crops_with_their_own_classes(tmp_path: Path) -> None:
                 cv2.imwrite(str(source / name / f"{index}.jpg"), crop)
     data = tmp_path / "imported"
     import_dataset(source, data, progress=False)
-    metrics = train(data, tmp_path / "run", TrainConfig(epochs=3, seed=0, batch_size=16), progress=False)
+    # A colour model: the grey PNGs come in as BGR, and the INT8 stem rewrite sees 3 channels.
+    metrics = train(data, tmp_path / "run", TrainConfig(epochs=3, seed=0, batch_size=16, channels=3), progress=False)
     assert {"val_accuracy", "val_good_recall", "val_puffy_recall"} <= set(metrics)
     model = tmp_path / "imported.onnx"
-    export(tmp_path / "run", model, progress=False)
-    result = evaluate(model, data, tmp_path / "report", progress=False)
-    assert result["images"] == 200 and 0.0 <= result["accuracy"] <= 1.0
-    assert {"recall", "auroc"} <= set(result["puffy"])
-    assert json.loads(metadata_path(model).read_text())["input"]["aligned_crops"] is True
+    exported = export(tmp_path / "run", model, int8=True, calib=data, force=True, progress=False)
+    for path in (model, Path(exported["int8"])):  # INT8 too: its stem rewrite must take colour crops
+        result = evaluate(path, data, tmp_path / f"report-{path.stem}", progress=False)
+        assert result["images"] == 200 and 0.0 <= result["accuracy"] <= 1.0
+        assert {"recall", "auroc"} <= set(result["puffy"])
+        meta = json.loads(metadata_path(path).read_text())
+        assert meta["input"]["aligned_crops"] is True and meta["input"]["channels"] == 3
