@@ -31,13 +31,19 @@ SEVERITY_KINDS: tuple[str, ...] = ("swelling", *DEFORMATION_KINDS)
 
 View = Literal["top", "side", "crop"]
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def is_identifier(value: object) -> bool:
+    """Whether ``value`` is an id (see `check_identifier`); the whole string must match, so a
+    trailing newline is refused too (``$`` would let it through)."""
+    return type(value) is str and _ID_RE.fullmatch(value) is not None
 
 
 def check_identifier(value: str, what: str) -> str:
     """Ids end up in file names, ZeroMQ topics and URLs: keep them to a safe alphabet."""
-    if not _ID_RE.match(value):
+    if not is_identifier(value):
         raise ValueError(f"{what} {value!r} must be 1-128 characters of letters, digits, '.', '_' or '-'")
     return value
 
@@ -105,7 +111,7 @@ class FrameRecord(BaseModel):
     @field_validator("sha256")
     @classmethod
     def _sha(cls, value: str) -> str:
-        if not _SHA_RE.match(value):
+        if not _SHA_RE.fullmatch(value):
             raise ValueError("must be 64 lowercase hex digits")
         return value
 

@@ -32,7 +32,7 @@ import numpy as np
 from rich.progress import Progress
 
 from pouchline.inspect.benchreport import BenchReport
-from pouchline.station.protocol import FrameHeader
+from pouchline.station.protocol import FrameHeader, frame_header
 from pouchline.station.transport import FrameClient, FrameServer, TransportSettings
 
 System = Literal["pouchline", "pouchline_tcp", "imagezmq_reqrep", "imagezmq_pubsub"]
@@ -78,7 +78,7 @@ def free_port() -> int:
 def _header(seq: int, payload: bytes | np.ndarray) -> FrameHeader:
     raw = isinstance(payload, np.ndarray)
     height, width = (payload.shape[:2] if raw else (1080, 1920))
-    return FrameHeader(
+    return frame_header(
         v=1, station="bench", camera="cam0", lot="LOT-0", cell=f"c{seq}", view="top", views=1, seq=seq,
         t_mono_ns=time.monotonic_ns(), t_wall=time.time(), exposure=None, gain=None, trigger="external",
         encoding="raw" if raw else "jpeg", width=width, height=height, channels=3, dtype="uint8",

@@ -16,7 +16,7 @@ import zmq.auth
 from pydantic import BaseModel, ConfigDict, Field
 from zmq.auth.thread import ThreadAuthenticator
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class CurveServerConfig(BaseModel):
@@ -39,7 +39,7 @@ class CurveClientConfig(BaseModel):
 
 def create_keys(folder: Path, name: str) -> tuple[Path, Path]:
     """Write a new key pair ``NAME.key`` (public, to hand out) and ``NAME.key_secret``."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ValueError(f"key name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
     folder.mkdir(parents=True, exist_ok=True)
     public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"

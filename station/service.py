@@ -21,7 +21,7 @@ import zmq
 
 from pouchline.station.config import CameraSettings, StationConfig
 from pouchline.station.presence import PresenceDetector
-from pouchline.station.protocol import FrameHeader, FrameTruth, ProtocolError, RejectCounter, Trigger, decode
+from pouchline.station.protocol import FrameHeader, FrameTruth, ProtocolError, RejectCounter, Trigger, decode, frame_header
 from pouchline.station.source import FrameSource, SourceError, SourceFrame, build_source
 from pouchline.station.status import StatusServer
 from pouchline.station.transport import FrameServer
@@ -200,8 +200,8 @@ class Station:
                          dtype=str(frame.payload.dtype) if raw else "uint8",
                          nbytes=frame.payload.nbytes if raw else len(frame.payload),
                          truth=FrameTruth.model_validate(frame.truth) if frame.truth else None)
-        return FrameHeader(v=1, station=self.config.name, camera=camera.name, lot=lot, cell=cell, view=view or camera.view,
-                           views=views, seq=seq, trigger=trigger, dropped=dropped, **taken)
+        return frame_header(v=1, station=self.config.name, camera=camera.name, lot=lot, cell=cell, view=view or camera.view,
+                            views=views, seq=seq, trigger=trigger, dropped=dropped, **taken)
 
     def trigger(self, lot: str | None = None, cell: str | None = None) -> OpenCell:
         """A cell arrived (from the PLC, HTTP or a test)."""

@@ -18,6 +18,11 @@ When workers fall behind, frames pile up in the station's pending queue, bounded
   and no image -- which is delivered to a worker like a frame, so the cell it belonged to
   becomes a fail-safe reject downstream. Drops are never silent.
 
+Frames travel several per message when several wait for the same worker (a burst, or a queue
+that built up while workers had no credit), which spares both sides a send, a receive and the
+ZeroMQ I/O threads' hand-offs per frame: a frame submitted within 0.5 ms of the last send waits
+up to that long for others (at most 8 go together); one after a quiet spell goes at once.
+
 Same host: a station keeps a shared-memory arena (`pouchline.station.arena`) and names it in
 its heartbeats. A worker that can map it says so in its hello, and from then on gets each
 frame as header plus a 24-byte reference instead of the bytes, which skips two kernel copies
@@ -41,6 +46,7 @@ import select
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -51,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pouchline.station.arena import ArenaReader, ArenaWriter, Region
 from pouchline.station.curve import CurveClientConfig, CurveServerConfig, secure_client, secure_server
 from pouchline.station.protocol import (
+    MAX_DONE_KEYS,
     Done,
     REFERENCE_MAGIC,
     Frame,
@@ -61,16 +68,31 @@ from pouchline.station.protocol import (
     ProtocolError,
     RejectCounter,
     decode,
+    done_message,
     encode_control,
     encode_frame,
+    split_batch,
 )
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str, int]
-#: Keys one `done` message may carry (the protocol's limit).
-MAX_DONE_KEYS = 1024
 Policy = Literal["every", "newest"]
+#: Payloads at least this large are sent without a copy (smaller ones are cheaper to copy
+#: than to track until ZeroMQ lets go of them).
+_ZERO_COPY_BYTES = 64 * 1024
+#: Frames sent to one worker in one message when several wait (see `FrameServer._dispatch`).
+_BATCH = 8
+#: A frame submitted this soon after the last send waits for more (up to `_BATCH`), so that
+#: bursts travel as batches; a frame after a quiet spell goes at once.
+_COALESCE_S = 0.0005
+#: Plain-int flags: pyzmq's multipart helpers combine enum flags per part, which costs more
+#: than the send itself for a batch's small parts.
+_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)
+#: While capture threads submitted this recently and nothing waits for credit, they read the
+#: socket themselves and the I/O thread leaves it alone (see `FrameServer._run`).
+_SUBMITTERS_ACTIVE_S = 0.005
 
 
 class TransportSettings(BaseModel):
@@ -88,6 +110,23 @@ class TransportSettings(BaseModel):
         description="Shared-memory arena (MiB) through which workers on the station's host get frame bytes "
         "without the socket; 0 sends every frame over the socket.",
     )
+
+
+def _send_parts(socket: zmq.Socket, parts: list[Any], copy: bool = True) -> None:
+    """``socket.send_multipart(parts, NOBLOCK, copy=copy)``, at half its cost for many parts."""
+    send = socket.send
+    for part in parts[:-1]:
+        send(part, _MORE, copy=copy)
+    send(parts[-1], _NOBLOCK, copy=copy)
+
+
+def _recv_parts(socket: zmq.Socket) -> list[zmq.Frame]:
+    """``socket.recv_multipart(NOBLOCK, copy=False)``, likewise; `zmq.Again` if nothing waits."""
+    recv = socket.recv
+    parts = [recv(_NOBLOCK, copy=False)]
+    while parts[-1].more:
+        parts.append(recv(_NOBLOCK, copy=False))
+    return parts
 
 
 @dataclass
@@ -158,6 +197,8 @@ class FrameServer:
         # credit sends the frame itself (no hand-off to another thread on the hot path); the
         # I/O thread takes the lock for incoming messages, heartbeats and frames left waiting.
         self._lock = threading.RLock()
+        self._last_submit = 0.0
+        self._last_send = 0.0
         self._thread = threading.Thread(target=self._run, name=f"frame-server-{station}", daemon=True)
         self._thread.start()
 
@@ -190,8 +231,10 @@ class FrameServer:
         if self._arena is not None and self._local_workers and header.nbytes:
             item.region = self._arena.put(item.parts[2])  # None when full: the frame goes inline
         with self._lock:
+            self._last_submit = now = time.monotonic()
             self._accept(item)
-            self._dispatch()
+            if len(self._pending) >= _BATCH or now - self._last_send >= _COALESCE_S:
+                self._dispatch()
             self._receive()  # the socket's FD is edge-triggered: a send may have taken its wake-up
         return True
 
@@ -240,6 +283,11 @@ class FrameServer:
         # Waits on the socket's file descriptor outside the lock (a zmq poll would touch the
         # socket while a capture thread sends on it); the descriptor is edge-triggered, so
         # every turn drains the socket completely under the lock.
+        #
+        # While capture threads are submitting and no frame waits for credit, they drain the
+        # socket on every submit; waking here for each incoming `done` would only make this
+        # thread fight them for the GIL and the lock (measured: half the station's CPU per
+        # frame at saturation). The thread then just wakes every few milliseconds.
         descriptor = self._router.getsockopt(zmq.FD)
         next_beat = time.monotonic()
         while True:
@@ -255,7 +303,14 @@ class FrameServer:
                 self._dispatch()
                 self._receive()
                 wait = max(0.0, min(next_beat - now, 0.1))
-            select.select([descriptor, self._wake_r], [], [], wait)
+                watch = [self._wake_r]
+                if self._pending or now - self._last_submit > _SUBMITTERS_ACTIVE_S:
+                    watch.append(descriptor)
+                else:
+                    wait = min(wait, _SUBMITTERS_ACTIVE_S)
+                if self._pending and self._pick(self._pending[0].notice) is not None:  # held back for a batch
+                    wait = min(wait, _COALESCE_S)
+            select.select(watch, [], [], wait)
             self._drain_wake()
         with self._lock:
             self._report_undelivered()
@@ -273,7 +328,10 @@ class FrameServer:
     def _count(self, name: str, camera: str | None = None, n: int = 1) -> None:
         self._stats[name] += n
         if camera is not None:
-            self._per_camera.setdefault(camera, Counter())[name] += n
+            counts = self._per_camera.get(camera)
+            if counts is None:
+                counts = self._per_camera[camera] = Counter()
+            counts[name] += n
 
     def _accept(self, item: _Item) -> None:
         self._pending.append(item)
@@ -296,9 +354,9 @@ class FrameServer:
                             "(each becomes a fail-safe reject)", self.station, camera)
 
     def _receive(self) -> None:
-        while True:
+        while self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than raising zmq.Again at the end
             try:
-                identity, *parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                identity, *parts = _recv_parts(self._router)
             except zmq.Again:
                 return
             try:
@@ -398,7 +456,8 @@ class FrameServer:
 
     def _send(self, identity: bytes, parts: list[Any]) -> bool:
         try:
-            self._router.send_multipart([identity, *parts], zmq.NOBLOCK, copy=False)
+            big = any(len(part) >= _ZERO_COPY_BYTES for part in parts[2::3])  # inline payloads
+            _send_parts(self._router, [identity, *parts], copy=not big)
             return True
         except zmq.ZMQError as error:  # EHOSTUNREACH (gone) or EAGAIN (its pipe is full)
             if identity in self._workers:
@@ -414,22 +473,30 @@ class FrameServer:
         return best
 
     def _dispatch(self) -> None:
+        """Deal waiting frames to the least loaded workers with credit, up to `_BATCH` per
+        message: one message per frame would cost both sides a send, a receive and two
+        ZeroMQ I/O-thread hand-offs per frame, which at saturation is most of their CPU."""
         while self._pending:
-            item = self._pending[0]
-            worker = self._pick(item.notice)
+            worker = self._pick(self._pending[0].notice)
             if worker is None:
                 return
-            self._pending.popleft()
-            key = item.header.key
-            if item.deliveries == 0 and item.policy == "every":
-                self._slot(item.header.camera).release()  # the producer may go on
-            item.deliveries += 1
-            worker.held[key] = item
-            parts = item.parts
-            if worker.local and item.region is not None and self._arena is not None:
-                parts = item.by_reference(self._arena.tag)
+            room, batch = worker.free, []
+            while self._pending and len(batch) < _BATCH and (room > 0 or self._pending[0].notice):
+                item = self._pending.popleft()
+                room -= not item.notice
+                batch.append(item)
+            parts: list[Any] = []
+            for item in batch:
+                if item.deliveries == 0 and item.policy == "every":
+                    self._slot(item.header.camera).release()  # the producer may go on
+                item.deliveries += 1
+                worker.held[item.header.key] = item
+                local = worker.local and item.region is not None and self._arena is not None
+                parts += item.by_reference(self._arena.tag) if local else item.parts  # type: ignore[union-attr]
+            self._last_send = time.monotonic()
             if self._send(worker.identity, parts):
-                self._count("notices_sent" if item.notice else "sent", item.header.camera)
+                for item in batch:
+                    self._count("notices_sent" if item.notice else "sent", item.header.camera)
 
     def _report_undelivered(self) -> None:
         left = len(self._pending) + sum(len(w.held) for w in self._workers.values())
@@ -481,6 +548,7 @@ class FrameClient:
         self._context = zmq.Context()
         self._links = [self._connect(endpoint) for endpoint in endpoints]
         self._origin: dict[Key, _Link] = {}
+        self._ready: deque[Frame] = deque()  # received and valid, not yet handed out
         self._poller = self._make_poller()
 
     def _connect(self, endpoint: str) -> _Link:
@@ -533,17 +601,19 @@ class FrameClient:
 
     def receive(self, timeout_s: float) -> Frame | None:
         """The next valid frame (or drop notice) from any station, or None after ``timeout_s``."""
+        if self._ready:
+            return self._ready.popleft()
         deadline = time.monotonic() + timeout_s
+        woken = False
         while True:
-            self._housekeep()
-            for link in self._links:
-                frame = self._read(link)
-                if frame is not None:
-                    return frame
+            if not woken:  # after a wake-up by a message, read it first: housekeeping can wait a turn
+                self._housekeep()
+            if self._read_any():
+                return self._ready.popleft()
             now = time.monotonic()
             if now >= deadline:
                 return None
-            self._poller.poll(max(0.0, min(deadline - now, self.settings.heartbeat_s)) * 1000)
+            woken = bool(self._poller.poll(max(0.0, min(deadline - now, self.settings.heartbeat_s)) * 1000))
 
     def receive_batch(self, max_frames: int, timeout_s: float) -> list[Frame]:
         """Up to ``max_frames`` frames: waits up to ``timeout_s`` for the first, then takes
@@ -552,41 +622,51 @@ class FrameClient:
         if first is None:
             return []
         batch = [first]
-        while len(batch) < max_frames:
-            more = self.receive(0.0)
-            if more is None:
-                break
-            batch.append(more)
+        while len(batch) < max_frames and (self._ready or self._read_any()):
+            batch.append(self._ready.popleft())
         return batch
 
-    def _read(self, link: _Link) -> Frame | None:
-        while True:
+    def _read_any(self) -> bool:
+        """Read the links until frames are ready; False if none came."""
+        return any(self._read(link) for link in self._links)
+
+    def _read(self, link: _Link) -> bool:
+        """Take messages from the link until one brings frames (into `_ready`); True if one did."""
+        while link.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
-                parts = link.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                parts = _recv_parts(link.socket)
             except zmq.Again:
-                return None
-            try:
-                message = decode(parts)
-                if isinstance(message, FrameRef):
-                    message = self._resolve(link, message)
-            except ProtocolError as error:
-                self.rejected.record(error)
-                self._answer(link, error)
-                continue
-            link.last_seen = time.monotonic()
-            if isinstance(message, Frame):
-                self._origin[message.header.key] = link
-                self.stats["notices" if message.header.dropped else "frames"] += 1
-                return message
-            if isinstance(message, Heartbeat):
-                restarted = link.station_session not in (None, message.session)
-                link.station_session = message.session
-                if restarted:
-                    self.stats["station_restarts"] += 1  # a new station process: say hello again
-                if self._attach(link, message) or restarted:
-                    self._hello(link)
-            else:
-                self.rejected.record(ProtocolError("unexpected", f"a station sent a {type(message).__name__} message"))
+                return False
+            for message_parts in split_batch(parts):
+                self._take(link, message_parts)
+            if self._ready:
+                return True
+        return False
+
+    def _take(self, link: _Link, parts: Sequence[object]) -> None:
+        """Decode one message (or one frame of a batch) and act on it."""
+        try:
+            message = decode(parts)
+            if isinstance(message, FrameRef):
+                message = self._resolve(link, message)
+        except ProtocolError as error:
+            self.rejected.record(error)
+            self._answer(link, error)
+            return
+        link.last_seen = time.monotonic()
+        if isinstance(message, Frame):
+            self._origin[message.header.key] = link
+            self.stats["notices" if message.header.dropped else "frames"] += 1
+            self._ready.append(message)
+        elif isinstance(message, Heartbeat):
+            restarted = link.station_session not in (None, message.session)
+            link.station_session = message.session
+            if restarted:
+                self.stats["station_restarts"] += 1  # a new station process: say hello again
+            if self._attach(link, message) or restarted:
+                self._hello(link)
+        else:
+            self.rejected.record(ProtocolError("unexpected", f"a station sent a {type(message).__name__} message"))
 
     def _resolve(self, link: _Link, ref: FrameRef) -> Frame:
         if link.arena is None:
@@ -601,7 +681,7 @@ class FrameClient:
         fields = error.salvage or {}
         if error.kind == "arena_stale" or not {"station", "camera", "seq"} <= fields.keys():
             return
-        self._say(link, Done(type="done", keys=[(fields["station"], fields["camera"], fields["seq"])]))
+        self._say(link, done_message([(fields["station"], fields["camera"], fields["seq"])]))
         self.refused.append(error)
         self.stats["refused_answered"] += 1
 
@@ -640,7 +720,7 @@ class FrameClient:
         for link, done in by_link.values():
             if link in self._links:
                 for start in range(0, len(done), MAX_DONE_KEYS):
-                    self._say(link, Done(type="done", keys=done[start : start + MAX_DONE_KEYS]))
+                    self._say(link, done_message(done[start : start + MAX_DONE_KEYS]))
         self.stats["done"] += len(keys)
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from pouchline.station import arena as arena_module
 from pouchline.station.arena import REFERENCE, ArenaReader, ArenaWriter, arena_dir, remove_stale
 from pouchline.station.protocol import REFERENCE_MAGIC, FrameRef, ProtocolError, decode, encode_frame
 from pouchline.station.transport import FrameClient, FrameServer, TransportSettings
@@ -41,6 +42,30 @@ def test_regions_are_allocated_as_a_ring_and_freed_in_any_order(arena: ArenaWrit
     assert arena.put(payload) is not None
     offsets = sorted(r.offset for r in regions[:5])
     assert all(b - a >= len(payload) for a, b in zip(offsets, offsets[1:]))  # regions never overlap
+
+
+def test_the_ring_turns_within_its_hot_part_while_that_suffices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames cycle through the first `_HOT_BYTES` (cached, cheap to copy into) and spill into
+    the rest only while that part is full."""
+    monkeypatch.setattr(arena_module, "_HOT_BYTES", 32 * KB)
+    writer = ArenaWriter("hot", "abcd1234", 64 * KB)
+    try:
+        payload = memoryview(bytes(12 * KB))  # two fit in the hot part
+        held = [writer.put(payload) for _ in range(2)]
+        for _ in range(10):  # two in flight at a time: they never leave the hot part
+            writer.free(held.pop(0))
+            region = writer.put(payload)
+            assert region is not None and region.end <= 32 * KB
+            held.append(region)
+        spilled = writer.put(payload)  # a third at once: the hot part is full, the rest takes it
+        assert spilled is not None and spilled.end > 32 * KB
+        writer.free(held.pop(0))
+        assert writer.put(payload).end > 32 * KB  # the start's room is less than what is live: not yet
+        writer.free(held.pop(0))
+        back = writer.put(payload)
+        assert back is not None and back.end <= 32 * KB  # back into the hot part once it has room to turn
+    finally:
+        writer.close()
 
 
 def test_a_reader_sees_the_bytes_in_place_and_notices_reuse(arena: ArenaWriter) -> None:

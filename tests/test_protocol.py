@@ -23,9 +23,11 @@ from pydantic import ValidationError
 
 from pouchline.station.arena import REFERENCE, ArenaReader, ArenaWriter
 from pouchline.station.protocol import (
+    _CONTROL,
     CONTROL_MAGIC,
     DEFAULT_LIMITS,
     FRAME_MAGIC,
+    MAX_BATCH,
     REFERENCE_MAGIC,
     PROTOCOL_ERROR_KINDS,
     Done,
@@ -33,6 +35,7 @@ from pouchline.station.protocol import (
     FrameRef,
     FrameHeader,
     FrameTruth,
+    HeaderValidator,
     Heartbeat,
     Hello,
     Limits,
@@ -40,8 +43,10 @@ from pouchline.station.protocol import (
     RejectCounter,
     Trigger,
     decode,
+    done_message,
     encode_control,
     encode_frame,
+    split_batch,
 )
 
 RNG = np.random.default_rng(0)
@@ -618,3 +623,118 @@ def test_headers_are_immutable_and_keyed() -> None:
     assert sent.key == ("st1", "top", 9)
     with pytest.raises(ValidationError):
         sent.seq = 10  # type: ignore[misc]
+
+
+# -- the fast paths accept exactly what the models accept ---------------------------------------
+#: Values that equal valid ones without being valid (True == 1 == 1.0), or nearly pass a check.
+TRICKY = st.sampled_from([True, False, 0, 1, 1.0, 2, 3, 3.0, -1, 24, 32, 2**63 - 1, 2**63, 1.5, -0.0, float("nan"),
+                          float("inf"), "C-1", "C-1\n", "\nC-1", "C 1", "", "x" * 128, "x" * 129, "top", "jpeg",
+                          "raw", "uint16", "source", None, [1], {"a": 1}])
+PLAIN_BODY = header().model_dump()
+#: Other valid values per field (or nearly: some combinations are refused, like png + uint16).
+ALTERNATIVES = {
+    "station": ["st2", "a" * 128], "camera": ["side", "0"], "lot": ["LOT-2", "l.1_x"], "cell": ["C-2", "c_9.x"],
+    "view": ["side"], "views": [1, 16], "seq": [0, 2**63 - 1], "t_mono_ns": [0, 7], "t_wall": [0.0, 2.5e9, 3],
+    "exposure": [None, 0.5, 800], "gain": [None, -2.0, 0, 1], "trigger": ["external", "presence"],
+    "encoding": ["png", "raw"], "width": [1, 16384], "height": [1, 24], "channels": [1, 3], "dtype": ["uint16"],
+    "nbytes": [0, 7], "dropped": ["queue_full", None], "v": [1],
+}
+
+
+def _verdict(validate: Callable[[object], Any], body: object) -> tuple[Any, ...]:
+    """What a validator makes of ``body``: the model's values with their exact types, or the errors."""
+    try:
+        model = validate(body)
+    except ValidationError as error:
+        return ("refused", [(item["loc"], item["type"]) for item in error.errors()])
+    return ("accepted", [(name, type(value), value) for name, value in model.model_dump().items()])
+
+
+@st.composite
+def edited_headers(draw: st.DrawFn) -> dict[str, Any]:
+    body = dict(PLAIN_BODY)
+    for _ in range(draw(st.integers(0, 3))):
+        action = draw(st.sampled_from(["replace", "replace", "replace", "delete", "add"]))
+        if action == "add":
+            body[draw(st.sampled_from(["exposre", "extra", "Cell"]))] = draw(TRICKY)
+        elif action == "delete" and body:
+            del body[draw(st.sampled_from(sorted(body)))]
+        else:
+            name = draw(st.sampled_from(sorted(ALTERNATIVES)))
+            body[name] = draw(st.sampled_from(ALTERNATIVES[name]) | st.sampled_from(ALTERNATIVES[name]) | TRICKY | VALUES)
+    return body
+
+
+def test_fast_header_validation_agrees_with_the_model() -> None:
+    """`HeaderValidator` (what stations and workers use per frame) vs pydantic on thousands of
+    edited headers, with its cache warmed by the same stream: same model or same errors, always."""
+    validator = HeaderValidator()
+    validator.validate(PLAIN_BODY)
+    verdicts: Counter[str] = Counter()
+
+    @FUZZ
+    @given(edited_headers())
+    def check(body: dict[str, Any]) -> None:
+        expected = _verdict(FrameHeader.model_validate, body)
+        assert _verdict(validator.validate, body) == expected
+        assert _verdict(validator.validate, body) == expected  # again, now that it may be cached
+        verdicts[expected[0]] += 1
+
+    check()
+    assert verdicts["accepted"] > 100 and verdicts["refused"] > 100, verdicts
+
+
+@st.composite
+def edited_done_bodies(draw: st.DrawFn) -> object:
+    valid = st.tuples(st.sampled_from(["st1", "a" * 128, "0"]), st.sampled_from(["top", "s.2"]),
+                      st.sampled_from([0, 7, 2**63 - 1])).map(list)
+    odd = st.lists(TRICKY | st.sampled_from(["st1", "top", 7]), min_size=2, max_size=4)
+    keys = st.lists(valid | valid | valid | odd, max_size=3)
+    body: dict[str, Any] = {"type": draw(st.sampled_from(["done", "done", "done", "hello", "DONE", 1])),
+                            "keys": draw(keys | keys | TRICKY)}
+    if draw(st.integers(0, 9)) == 0:
+        body[draw(st.sampled_from(["extra", "type"]))] = draw(TRICKY)
+    return body
+
+
+def test_fast_done_validation_agrees_with_the_model() -> None:
+    """A worker's `done` (one per batch) is decoded by a fast path: same message or same errors as pydantic."""
+    verdicts: Counter[str] = Counter()
+
+    @FUZZ
+    @given(edited_done_bodies())
+    def check(body: object) -> None:
+        try:
+            expected: object = _CONTROL.validate_python(body)
+        except ValidationError:
+            expected = None
+        try:
+            got: object = decode(control_parts(body))
+        except ProtocolError as error:
+            assert error.kind == "control_invalid", error
+            got = None
+        assert got == expected and type(got) is type(expected)
+        verdicts["accepted" if expected is not None else "refused"] += 1
+
+    check()
+    assert verdicts["accepted"] > 50 and verdicts["refused"] > 50, verdicts
+    keys = [("st1", "top", 1), ("st1", "side", 2)]
+    assert done_message(keys) == Done(type="done", keys=keys)
+    with pytest.raises(ValidationError):
+        done_message([("st1", "top\n", 1)])
+
+
+@pytest.mark.parametrize("field", ["station", "camera", "lot", "cell", "view"])
+def test_identifiers_with_a_trailing_newline_are_refused(field: str) -> None:
+    """``$`` in a Python regex matches before a final newline: ids are matched whole."""
+    error = refusal(frame_parts(**{field: "C-1\n"}))
+    assert error.kind == "header_invalid" and field in str(error)
+
+
+def test_a_batch_splits_into_its_frames_and_nothing_else() -> None:
+    one = encode_frame(*FRAMES["jpeg"])
+    assert split_batch(one * 3) == [one, one, one]
+    assert split_batch(one) == [one]
+    for odd in (one * 2 + one[:1], one * (MAX_BATCH + 1), control_parts({"type": "done"})):
+        assert split_batch(odd) == [odd]  # for decode to refuse or take as one message
+    assert refusal(one * (MAX_BATCH + 1)).kind == "parts"

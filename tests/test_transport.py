@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from pouchline.station.curve import CurveClientConfig, CurveServerConfig, create_keys
-from pouchline.station.protocol import FrameHeader
+from pouchline.station.protocol import FrameHeader, Hello, decode, encode_control, encode_frame, split_batch
 from pouchline.station.transport import FrameClient, FrameServer, TransportSettings
 
 FAST = TransportSettings(heartbeat_s=0.05, timeout_s=0.5, max_pending=8, shutdown_grace_s=1.0)
@@ -260,3 +260,52 @@ def test_frames_held_by_a_hung_worker_are_delivered_again_after_the_timeout(serv
         assert server.stats()["workers_timed_out"] == 1
     finally:
         hung.close()
+
+
+def test_frames_that_wait_for_a_worker_travel_in_batches() -> None:
+    """Frames queued up go out several per message (each frame's parts as in a single-frame
+    message); each arrives exactly once, in order."""
+    station = FrameServer("tcp://127.0.0.1:0", station="st1", settings=FAST.model_copy(update={"max_pending": 32}))
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        sent = [header(seq) for seq in range(20)]
+        for item in sent:  # no worker yet: they wait in the station's queue
+            assert station.submit(item, JPEG, policy="every", timeout_s=1)
+        dealer.connect(station.endpoint)
+        dealer.send_multipart(encode_control(Hello(type="hello", worker="raw", session="s1", capacity=32)))
+        frames, sizes = [], []
+        deadline = time.monotonic() + 10
+        while len(frames) < len(sent) and time.monotonic() < deadline:
+            if not dealer.poll(100):
+                continue
+            parts = dealer.recv_multipart()
+            if len(parts) == 2:
+                continue  # a heartbeat
+            sizes.append(len(parts) // 3)
+            frames += [decode(message) for message in split_batch(parts)]
+        assert [frame.header for frame in frames] == sent
+        assert max(sizes) > 1 and len(sizes) < len(sent), sizes
+        assert station.stats()["sent"] == len(sent)
+    finally:
+        dealer.close(linger=0)
+        station.close(grace_s=0)
+
+
+def test_a_worker_takes_the_good_frames_of_a_batch_and_counts_the_bad_one() -> None:
+    context = zmq.Context.instance()
+    fake = context.socket(zmq.ROUTER)
+    port = fake.bind_to_random_port("tcp://127.0.0.1")
+    client = FrameClient([f"tcp://127.0.0.1:{port}"], name="w", capacity=8, settings=FAST)
+    try:
+        identity = fake.recv_multipart()[0]  # its hello
+        good = [encode_frame(header(seq), JPEG) for seq in (0, 2)]
+        bad = encode_frame(header(1), JPEG)
+        bad[2] = JPEG[:-40]  # cut short, so the payload no longer matches its header
+        fake.send_multipart([identity, *good[0], *bad, *good[1]])
+        batch = client.receive_batch(8, 2.0)
+        assert [frame.header.seq for frame in batch] == [0, 2]
+        assert client.rejected.counts == {"payload_mismatch": 1}
+        assert [error.salvage["seq"] for error in client.refused] == [1]  # answered: its cell is rejected
+    finally:
+        client.close()
+        fake.close(linger=0)

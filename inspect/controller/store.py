@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+_SHA = re.compile(r"[0-9a-f]{64}")
 _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png"}
 Shelf = Literal["keep", "audit"]
 
@@ -58,7 +58,7 @@ class ImageStore:
 
     def find(self, sha256: str) -> Path | None:
         """The stored file for ``sha256``, or None; `StoreError` if it is not a hash at all."""
-        if not _SHA.match(sha256):
+        if not _SHA.fullmatch(sha256):
             raise StoreError("not an image id")
         for shelf in ("keep", "audit"):
             for extension in _EXTENSIONS.values():
