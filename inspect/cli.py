@@ -72,7 +72,7 @@ def bench_transport(
     raw_frames: Annotated[int, typer.Option(min=10, help="Raw frames per saturation case.")] = 300,
     rate: Annotated[float, typer.Option(min=1, help="Offered frames/s in the paced (latency) cases.")] = 60.0,
     paced_frames: Annotated[int, typer.Option(min=10, help="Frames per paced case (p99 needs a few hundred).")] = 600,
-    repeats: Annotated[int, typer.Option(min=1, help="Runs per saturation case; the median is reported.")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="Runs per case, the systems taking turns; the median run is reported (frames/s at saturation, p99 paced).")] = 3,
 ) -> None:
     """pouchline vs imagezmq REQ/REP and PUB/SUB on 1080p JPEG and raw (ratio `fps_vs_imagezmq_reqrep_jpeg`)."""
     try:

@@ -8,6 +8,7 @@ walk is bounded, because received data is hostile until proven otherwise.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +22,9 @@ _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 _TAIL = 64
 #: JPEG start-of-frame markers (C4 DHT, C8 JPG and CC DAC share the range but are not SOFs).
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+#: A marker segment's start (FF, marker, length) and a frame header's height, width, components.
+_SEGMENT = struct.Struct(">BBH")
+_SOF_FIELDS = struct.Struct(">HHB")
 #: Marker segments walked at most before the frame header (real files need a handful).
 _MAX_SEGMENTS = 64
 
@@ -61,25 +65,25 @@ def image_header(data: bytes | memoryview) -> ImageHeader:
 
 def _jpeg_frame_header(data: bytes | memoryview) -> ImageHeader:
     """Walk the JPEG's marker segments up to its start-of-frame."""
-    at = 2
+    at, size = 2, len(data)
     for _ in range(_MAX_SEGMENTS):
-        if at + 4 > len(data):
+        if at + 4 > size:
             break
-        if data[at] != 0xFF:
+        fill, marker, length = _SEGMENT.unpack_from(data, at)
+        if fill != 0xFF:
             raise ValueError(f"corrupt JPEG header (no marker at byte {at})")
-        marker = data[at + 1]
         if marker == 0xFF:  # fill byte before a marker
             at += 1
             continue
         if marker in _SOF:
-            if at + 10 > len(data):
+            if at + 10 > size:
                 break
-            height, width = int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
-            return ImageHeader("jpeg", width, height, 1 if data[at + 9] == 1 else 3)
+            height, width, components = _SOF_FIELDS.unpack_from(data, at + 5)
+            return ImageHeader("jpeg", width, height, 1 if components == 1 else 3)
         if marker in (0xDA, 0xD9):  # start of scan / end of image before any frame header
             break
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
             at += 2
             continue
-        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        at += 2 + length
     raise ValueError("JPEG without a frame header (SOF)")

@@ -440,18 +440,24 @@ class Done(BaseModel):
     keys: list[Key] = Field(min_length=1, max_length=MAX_DONE_KEYS, description="(station, camera, seq) of each frame.")
 
 
-def _is_key(key: object) -> bool:
-    return (type(key) in (list, tuple) and len(key) == 3  # type: ignore[arg-type]
-            and is_identifier(key[0]) and is_identifier(key[1]) and _is_count(key[2]))  # type: ignore[index]
-
-
 def _quick_done(body: object) -> Done | None:
     """A `Done` checked by the model's rules without pydantic's cost (a worker sends one per
     batch); None when anything is unusual, for pydantic to decide and explain."""
     if type(body) is not dict or len(body) != 2 or body.get("type") != "done":
         return None
     keys = body.get("keys")
-    if type(keys) is not list or not 1 <= len(keys) <= MAX_DONE_KEYS or not all(map(_is_key, keys)):
+    if type(keys) is not list or not 1 <= len(keys) <= MAX_DONE_KEYS:
+        return None
+    names: set[object] = set()  # the keys' station and camera ids, each checked once
+    try:
+        for key in keys:
+            if type(key) not in (list, tuple) or len(key) != 3 or not _is_count(key[2]):
+                return None
+            names.add(key[0])
+            names.add(key[1])
+    except TypeError:  # an unhashable id: certainly not a valid one
+        return None
+    if not all(map(is_identifier, names)):
         return None
     return _trusted(Done, {"type": "done", "keys": [tuple(key) for key in keys]})
 
@@ -490,8 +496,8 @@ DEFAULT_LIMITS = Limits()
 
 def pack_model(model: BaseModel, limit: int, what: str | Callable[[], str]) -> bytes:
     """msgpack of the model's fields; ``what`` names it in the error (a callable: only then)."""
-    # A header without ground truth holds plain values only: its fields are its wire body.
-    plain = isinstance(model, FrameHeader) and model.truth is None
+    # A `done`, and a header without ground truth, hold plain values only: their fields are the wire body.
+    plain = isinstance(model, Done) or (isinstance(model, FrameHeader) and model.truth is None)
     data = msgpack.packb(model.__dict__ if plain else model.model_dump(), use_bin_type=True)
     if len(data) > limit:
         raise ValueError(f"{what() if callable(what) else what} is {len(data)} bytes, receivers refuse more than {limit}")
@@ -549,14 +555,14 @@ def check_size(data: memoryview, limit: int, kind: str, what: str) -> None:
         raise ProtocolError(kind, f"{what} is {len(data)} bytes, the limit is {limit}")
 
 
+def _refuse_extension(code: int, _data: bytes) -> object:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
 def unpack_body(data: memoryview, limit: int, kind: str, what: str) -> object:
     """Safe msgpack: no extension types (timestamps included), no container larger than the part."""
-
-    def refuse_extension(code: int, _data: bytes) -> object:
-        raise ValueError(f"msgpack extension type {code} is not allowed")
-
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, ext_hook=refuse_extension,
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_extension,
                                max_str_len=limit, max_bin_len=limit, max_array_len=limit, max_map_len=limit,
                                max_ext_len=0)
     except Exception as error:  # msgpack raises a zoo of types (ExtraData, FormatError, StackError, Unicode...)

@@ -129,7 +129,7 @@ def _recv_parts(socket: zmq.Socket) -> list[zmq.Frame]:
     return parts
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     """A frame (or drop notice) the station is responsible for until a worker is done with it."""
 
@@ -223,7 +223,7 @@ class FrameServer:
         if policy == "every":
             slot = self._slot(header.camera)
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            while not slot.acquire(timeout=0.1):
+            while not (slot.acquire(blocking=False) or slot.acquire(timeout=0.1)):
                 if self._closing.is_set() or (deadline is not None and time.monotonic() > deadline):
                     return False
         # Into the arena only once the frame is accepted: a producer that gives up must not
@@ -381,7 +381,7 @@ class FrameServer:
             if worker is not None:
                 worker.last_seen = now
             for key in message.keys:
-                self._finish(tuple(key), worker)  # type: ignore[arg-type]
+                self._finish(key, worker)  # type: ignore[arg-type]
         else:
             self.rejected.record(ProtocolError("unexpected", f"a worker sent a {type(message).__name__} message"))
 
@@ -421,14 +421,16 @@ class FrameServer:
 
     def _finish(self, key: Key, sender: _Worker | None) -> None:
         # The sender holds it, unless it reconnected under a new identity since it took it.
-        holders = [sender] if sender is not None and key in sender.held else self._workers.values()
-        for worker in holders:
+        item = None if sender is None else sender.held.pop(key, None)
+        for worker in () if item is not None else self._workers.values():
             item = worker.held.pop(key, None)
             if item is not None:
-                self._release(item)
-                self._count("notices_done" if item.notice else "done", key[1])
-                return
-        self._count("done_unknown")  # from before a restart, or a duplicate after redelivery
+                break
+        if item is None:
+            self._count("done_unknown")  # from before a restart, or a duplicate after redelivery
+            return
+        self._release(item)
+        self._count("notices_done" if item.notice else "done", key[1])
 
     def _forget(self, identity: bytes, why: str) -> None:
         worker = self._workers.pop(identity)

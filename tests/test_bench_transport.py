@@ -23,5 +23,8 @@ def test_transport_bench_reports_every_case_and_no_silent_drop(tmp_path: Path) -
     saturated = [row for row in saved["results"] if row["mode"] == "saturation"]
     assert all(len(row["runs_frames_per_s"]) == 3 and min(row["runs_frames_per_s"]) <= round(row["frames_per_s"])
                <= max(row["runs_frames_per_s"]) for row in saturated)  # the median of three runs
+    paced = [row for row in saved["results"] if row["mode"] == "paced"]
+    assert all(len(row["runs_p99_ms"]) == 3 and sorted(row["runs_p99_ms"])[1] == round(row["p99_ms"], 3)
+               for row in paced)  # the run with the median p99
     assert all(row["received"] == row["offered"] for row in ours)
     assert all(math.isfinite(value) and value > 0 for value in saved["ratios"].values())
