@@ -83,6 +83,9 @@ Policy = Literal["every", "newest"]
 _ZERO_COPY_BYTES = 64 * 1024
 #: Frames sent to one worker in one message when several wait (see `FrameServer._dispatch`).
 _BATCH = 8
+#: A batch stops growing once its inline payloads reach this: large frames over the socket
+#: gain nothing from sharing a message, and a worker would wait for the whole message.
+_BATCH_BYTES = 1 << 20
 #: A frame submitted this soon after the last send waits for more (up to `_BATCH`), so that
 #: bursts travel as batches; a frame after a quiet spell goes at once.
 _COALESCE_S = 0.0005
@@ -482,10 +485,11 @@ class FrameServer:
             worker = self._pick(self._pending[0].notice)
             if worker is None:
                 return
-            room, batch = worker.free, []
-            while self._pending and len(batch) < _BATCH and (room > 0 or self._pending[0].notice):
+            room, inline, batch = worker.free, 0, []
+            while self._pending and len(batch) < _BATCH and (room > 0 or self._pending[0].notice) and inline < _BATCH_BYTES:
                 item = self._pending.popleft()
                 room -= not item.notice
+                inline += 0 if worker.local and item.region is not None else item.header.nbytes
                 batch.append(item)
             parts: list[Any] = []
             for item in batch:
@@ -597,7 +601,7 @@ class FrameClient:
 
     def _say(self, link: _Link, message: Hello | Heartbeat | Done) -> None:
         try:
-            link.socket.send_multipart(encode_control(message), zmq.NOBLOCK)
+            _send_parts(link.socket, encode_control(message))
         except zmq.Again:
             self.stats["control_not_sent"] += 1  # the station is unreachable; the next beat retries
 
