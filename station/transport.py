@@ -20,8 +20,9 @@ When workers fall behind, frames pile up in the station's pending queue, bounded
 
 Frames travel several per message when several wait for the same worker (a burst, or a queue
 that built up while workers had no credit), which spares both sides a send, a receive and the
-ZeroMQ I/O threads' hand-offs per frame: a frame submitted within 0.5 ms of the last send waits
-up to that long for others (at most 8 go together); one after a quiet spell goes at once.
+ZeroMQ I/O threads' hand-offs per frame: in a burst (a frame within 0.5 ms of both the previous
+frame and the last send) a frame waits for others, at most 8 going together and none waiting
+more than 2.5 ms; a frame after a quiet spell goes at once.
 
 Same host: a station keeps a shared-memory arena (`pouchline.station.arena`) and names it in
 its heartbeats. A worker that can map it says so in its hello, and from then on gets each
@@ -86,16 +87,19 @@ _BATCH = 8
 #: A batch stops growing once its inline payloads reach this: large frames over the socket
 #: gain nothing from sharing a message, and a worker would wait for the whole message.
 _BATCH_BYTES = 1 << 20
-#: A frame submitted this soon after the last send waits for more (up to `_BATCH`), so that
-#: bursts travel as batches; a frame after a quiet spell goes at once.
+#: A frame submitted this soon after both the last send and the previous submit (a burst)
+#: waits for more (up to `_BATCH`), so that bursts travel as batches; a frame after a quiet
+#: spell goes at once.
 _COALESCE_S = 0.0005
 #: Plain-int flags: pyzmq's multipart helpers combine enum flags per part, which costs more
 #: than the send itself for a batch's small parts.
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
 #: While capture threads submitted this recently and nothing waits for credit, they read the
-#: socket themselves and the I/O thread leaves it alone (see `FrameServer._run`).
+#: socket themselves and the I/O thread leaves it alone (see `FrameServer._run`), looking in
+#: every `_FLUSH_S` only to send the end of a burst that no further frame came to take along.
 _SUBMITTERS_ACTIVE_S = 0.005
+_FLUSH_S = 0.002
 
 
 class TransportSettings(BaseModel):
@@ -202,6 +206,7 @@ class FrameServer:
         self._lock = threading.RLock()
         self._last_submit = 0.0
         self._last_send = 0.0
+        self._io_wakes_at = 0.0  # when the I/O thread looks in next, at the latest
         self._thread = threading.Thread(target=self._run, name=f"frame-server-{station}", daemon=True)
         self._thread.start()
 
@@ -234,10 +239,14 @@ class FrameServer:
         if self._arena is not None and self._local_workers and header.nbytes:
             item.region = self._arena.put(item.parts[2])  # None when full: the frame goes inline
         with self._lock:
-            self._last_submit = now = time.monotonic()
+            now = time.monotonic()
+            burst = now - self._last_submit < _COALESCE_S and now - self._last_send < _COALESCE_S
+            self._last_submit = now
             self._accept(item)
-            if len(self._pending) >= _BATCH or now - self._last_send >= _COALESCE_S:
+            if not burst or len(self._pending) >= _BATCH:
                 self._dispatch()
+            elif self._io_wakes_at > now + _FLUSH_S:  # held back, and the I/O thread sleeps long: wake it
+                os.write(self._wake_w, b"\0")
             self._receive()  # the socket's FD is edge-triggered: a send may have taken its wake-up
         return True
 
@@ -290,7 +299,8 @@ class FrameServer:
         # While capture threads are submitting and no frame waits for credit, they drain the
         # socket on every submit; waking here for each incoming `done` would only make this
         # thread fight them for the GIL and the lock (measured: half the station's CPU per
-        # frame at saturation). The thread then just wakes every few milliseconds.
+        # frame at saturation). The thread then only looks in every 2 ms, for the end of a
+        # burst held back for a batch (and is woken if it sleeps longer when one is held back).
         descriptor = self._router.getsockopt(zmq.FD)
         next_beat = time.monotonic()
         while True:
@@ -310,9 +320,10 @@ class FrameServer:
                 if self._pending or now - self._last_submit > _SUBMITTERS_ACTIVE_S:
                     watch.append(descriptor)
                 else:
-                    wait = min(wait, _SUBMITTERS_ACTIVE_S)
+                    wait = min(wait, _FLUSH_S)
                 if self._pending and self._pick(self._pending[0].notice) is not None:  # held back for a batch
                     wait = min(wait, _COALESCE_S)
+                self._io_wakes_at = now + wait
             select.select(watch, [], [], wait)
             self._drain_wake()
         with self._lock:

@@ -309,3 +309,28 @@ def test_a_worker_takes_the_good_frames_of_a_batch_and_counts_the_bad_one() -> N
     finally:
         client.close()
         fake.close(linger=0)
+
+
+def test_the_end_of_a_burst_is_not_held_back() -> None:
+    """Frames held back to travel together still leave within milliseconds when no more come."""
+    station = FrameServer("tcp://127.0.0.1:0", station="st1")  # default heartbeats: the I/O thread sleeps long
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        dealer.connect(station.endpoint)
+        dealer.send_multipart(encode_control(Hello(type="hello", worker="raw", session="s1", capacity=32)))
+        assert wait_for(lambda: len(station.stats()["workers"]) == 1)
+        for burst in range(5):
+            sent = time.monotonic()
+            for seq in range(3 * burst, 3 * burst + 3):  # back to back: the later ones may wait for company
+                assert station.submit(header(seq), JPEG, policy="every")
+            got: list[int] = []
+            while len(got) < 3 and time.monotonic() - sent < 2:
+                if dealer.poll(10):
+                    parts = dealer.recv_multipart()
+                    got += [decode(message).header.seq for message in split_batch(parts) if len(parts) != 2]
+            assert got == list(range(3 * burst, 3 * burst + 3))
+            assert time.monotonic() - sent < 0.05, "the end of a burst waited"
+            time.sleep(0.3)  # a quiet spell: the I/O thread goes back to long sleeps
+    finally:
+        dealer.close(linger=0)
+        station.close(grace_s=0)
