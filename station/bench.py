@@ -213,10 +213,10 @@ def decode_encode_cpu_ms(jpeg: bytes, repeats: int = 20) -> float:
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The median run with every run's figure beside it: frames/s at saturation, p99 latency
     when paced (one 600-frame run's p99 is its 6th-slowest frame, so it moves a lot)."""
-    key, label = ("frames_per_s", "runs_frames_per_s") if runs[0]["mode"] == "saturation" else ("p99_ms", "runs_p99_ms")
+    key, label, digits = (("frames_per_s", "runs_frames_per_s", None) if runs[0]["mode"] == "saturation"
+                          else ("p99_ms", "runs_p99_ms", 3))
     ordered = sorted(runs, key=lambda row: row[key])
-    return {**ordered[len(ordered) // 2], label: [round(row[key], 3) if key == "p99_ms" else round(row[key])
-                                                  for row in runs]}
+    return {**ordered[len(ordered) // 2], label: [round(row[key], digits) for row in runs]}
 
 
 def run(*, frames: int = 3000, raw_frames: int = 300, paced_frames: int = 600, rate: float = 60.0,

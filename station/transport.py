@@ -470,10 +470,10 @@ class FrameServer:
         for identity in list(self._workers):
             self._send(identity, beat)
 
-    def _send(self, identity: bytes, parts: list[Any]) -> bool:
+    def _send(self, identity: bytes, parts: list[Any], copy: bool = True) -> bool:
+        """``copy=False`` for messages carrying large payloads (see `_ZERO_COPY_BYTES`)."""
         try:
-            big = any(len(part) >= _ZERO_COPY_BYTES for part in parts[2::3])  # inline payloads
-            _send_parts(self._router, [identity, *parts], copy=not big)
+            _send_parts(self._router, [identity, *parts], copy=copy)
             return True
         except zmq.ZMQError as error:  # EHOSTUNREACH (gone) or EAGAIN (its pipe is full)
             if identity in self._workers:
@@ -496,22 +496,23 @@ class FrameServer:
             worker = self._pick(self._pending[0].notice)
             if worker is None:
                 return
-            room, inline, batch = worker.free, 0, []
+            room, inline, big, batch, parts = worker.free, 0, False, [], []
             while self._pending and len(batch) < _BATCH and (room > 0 or self._pending[0].notice) and inline < _BATCH_BYTES:
                 item = self._pending.popleft()
                 room -= not item.notice
-                inline += 0 if worker.local and item.region is not None else item.header.nbytes
-                batch.append(item)
-            parts: list[Any] = []
-            for item in batch:
                 if item.deliveries == 0 and item.policy == "every":
                     self._slot(item.header.camera).release()  # the producer may go on
                 item.deliveries += 1
                 worker.held[item.header.key] = item
-                local = worker.local and item.region is not None and self._arena is not None
-                parts += item.by_reference(self._arena.tag) if local else item.parts  # type: ignore[union-attr]
+                if worker.local and item.region is not None and self._arena is not None:
+                    parts += item.by_reference(self._arena.tag)
+                else:
+                    parts += item.parts
+                    inline += item.header.nbytes
+                    big = big or item.header.nbytes >= _ZERO_COPY_BYTES
+                batch.append(item)
             self._last_send = time.monotonic()
-            if self._send(worker.identity, parts):
+            if self._send(worker.identity, parts, copy=not big):
                 for item in batch:
                     self._count("notices_sent" if item.notice else "sent", item.header.camera)
 
