@@ -19,6 +19,8 @@ from pouchline.station.transport import TransportSettings
 
 #: The shipped INT8 detector (FP32 sits beside it as ``pouchline-detector.onnx``).
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "pouchline-detector.int8.onnx"
+#: The shipped INT8 side-view model (the silhouette against the backlight).
+SHIPPED_SIDE_MODEL = SHIPPED_MODEL.with_name("pouchline-side.int8.onnx")
 
 
 class BatchSettings(BaseModel):
@@ -52,8 +54,13 @@ class InspectConfig(BaseModel):
     out: Path | None = Field(None, description="Also append every cell verdict as one JSON line to this file.")
     http: str | None = Field("127.0.0.1:8201", description="host:port for GET /status, /metrics, /healthz and POST /reload.")
     model: Path = Field(SHIPPED_MODEL, description="ONNX model (metadata JSON beside it); the shipped INT8 by default.")
-    shadow: Path | None = Field(None, description="A second model run beside the live one; disagreements are counted, "
-                                                  "never acted on.")
+    more_models: list[Path] = Field(
+        default_factory=lambda: [SHIPPED_SIDE_MODEL], description="Models for further views, one per view (by "
+        "default the shipped side-view model); each judges only the frames of its own view, and a cell passes only "
+        "if every view passes."
+    )
+    shadow: Path | None = Field(None, description="A second model run beside the live one of its view; disagreements "
+                                                  "are counted, never acted on.")
     watch_model: bool = Field(True, description="Reload the model when its file changes (swap between batches).")
     workers: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1, le=256,
                          description="Worker processes on this machine (default: one per usable core).")

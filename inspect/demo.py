@@ -107,7 +107,7 @@ class Demo:
         runtime = self.app.state.runtime
         config = InspectConfig(
             stations=[station.server.endpoint for station in self.stations], collect="tcp://127.0.0.1:0", http=None,
-            controller=runtime.receiver.endpoint, skip_views=["side"], audit_rate=0.05, cell_deadline_s=3.0,
+            controller=runtime.receiver.endpoint, audit_rate=0.05, cell_deadline_s=3.0,
             **({"workers": self.options.workers} if self.options.workers else {}),
         )
         self.inspection = InspectService(config).start()

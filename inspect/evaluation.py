@@ -72,7 +72,7 @@ def replay_through_pipeline(data: Path, model: Path, out: Path, *, workers: int 
         decided[item.verdict.cell_id] = item.verdict
 
     config = InspectConfig(stations=[station.server.endpoint], collect="tcp://127.0.0.1:0", http=None, model=model,
-                           skip_views=skip, watch_model=False, cell_deadline_s=30.0, audit_rate=1.0 if keep_images else 0.0,
+                           more_models=[], skip_views=skip, watch_model=False, cell_deadline_s=30.0, audit_rate=1.0 if keep_images else 0.0,
                            out=out / "verdicts.jsonl", **({"workers": workers} if workers else {}))
     service = InspectService(config)
     assert service.collector is not None
@@ -114,7 +114,7 @@ def score(run: Run, reader: DatasetReader, model: Inferencer) -> tuple[dict[str,
             record = records.get((frame.lot, frame.cell, frame.view))
             if record is not None:
                 scored.append(Scored(record, _prediction(frame)))
-    metrics = compute_metrics(scored, model)
+    metrics = compute_metrics(scored, model.meta)
     metrics["cells_missing"] = len({(r.lot, r.cell) for r in records.values()}) - len(run.cells)
     for name in model.meta.outputs:
         flagged = [s for s in scored if name in s.prediction.flagged]

@@ -54,13 +54,25 @@ def connectable(endpoint: str) -> str:
     return endpoint.replace("tcp://0.0.0.0:", "tcp://127.0.0.1:").replace("tcp://*:", "tcp://127.0.0.1:")
 
 
+def model_views(config: InspectConfig) -> dict[str, Path]:
+    """The view each configured model judges; two models for one view are an error naming both."""
+    views: dict[str, Path] = {}
+    for path in (config.model, *config.more_models):
+        view = load_metadata(path).input.view
+        if view in views:
+            raise ModelError(f"{path} and {views[view]} both judge '{view}' frames; give one model per view")
+        views[view] = path
+    return views
+
+
 class InspectService:
     """A running inspection service on this machine."""
 
     def __init__(self, config: InspectConfig) -> None:
-        load_metadata(config.model)  # a wrong model path fails here, in the service, with the file's name
-        if config.shadow is not None:
-            load_metadata(config.shadow)
+        # A wrong model path fails here, in the service, with the file's name.
+        self.views = model_views(config)
+        if config.shadow is not None and load_metadata(config.shadow).input.view not in self.views:
+            raise ModelError(f"{config.shadow}: the shadow model judges a view no live model judges")
         self.config = config
         self.context = zmq.Context()
         self.collector: Collector | None = None
@@ -166,8 +178,10 @@ class InspectService:
 
     def reload(self, model: Path | None = None) -> None:
         """Every worker loads the model (again, or ``model``) beside the live one and swaps between batches."""
-        if model is not None:
-            load_metadata(model)  # refuse a path that is plainly wrong before the workers try it
+        if model is not None:  # refuse a path that is plainly wrong before the workers try it
+            view = load_metadata(model).input.view
+            if view not in self.views:
+                raise ModelError(f"{model}: judges '{view}' frames; this service's models judge {', '.join(self.views)}")
         self._publish(ControlMessage(type="reload", model=None if model is None else str(model)))
 
     def _publish(self, message: ControlMessage) -> None:
@@ -176,7 +190,8 @@ class InspectService:
     def status(self) -> dict[str, Any]:
         workers = {name: {"alive": process.is_alive(), "pid": process.pid, "restarts": self.restarts[name]}
                    for name, process in self.processes.items()}
-        return {"service": self.config.name, "model": str(self.config.model), "workers": workers,
+        return {"service": self.config.name, "model": str(self.config.model),
+                "models": {view: str(path) for view, path in self.views.items()}, "workers": workers,
                 "collector": None if self.collector is None else self.collector.snapshot()}
 
     def _metrics(self) -> Reply:

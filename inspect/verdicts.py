@@ -187,6 +187,8 @@ class WorkerStats(BaseModel):
     histograms: dict[str, Histogram] = Field(description="batch_size, latency and stage timings.")
     held: int = Field(ge=0, description="Frames received and not yet done (queue depth).")
     model: ModelRef | None = Field(description="The live model.")
+    more_models: list[ModelRef] = Field(default_factory=list, max_length=16,
+                                        description="The live models of further views (`more_models`).")
     shadow: ModelRef | None = Field(None, description="The shadow model, if any.")
 
 

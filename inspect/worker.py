@@ -36,7 +36,7 @@ from pouchline.inspect.overlay import overlay_layer
 from pouchline.inspect.verdicts import MAX_OUTLINE_POINTS, FrameVerdict, ShadowResult, WorkerStats, attachment, encode
 from pouchline.models.inference import Inferencer, Prediction
 from pouchline.models.locate import Located
-from pouchline.models.metadata import ModelMetadata
+from pouchline.models.metadata import ModelError, ModelMetadata, load_metadata
 from pouchline.station.protocol import Frame, ProtocolError
 from pouchline.station.transport import FrameClient
 
@@ -102,7 +102,10 @@ class InspectionWorker:
         cv2.setNumThreads(1)  # one process per core: OpenCV's own pool would oversubscribe the machine
         self.config = config
         self.name = name
-        self.models = ModelSlot(config.model, threads=config.threads, watch=config.watch_model)
+        slots = [ModelSlot(path, threads=config.threads, watch=config.watch_model) for path in (config.model, *config.more_models)]
+        self.slots = {slot.model.meta.input.view: slot for slot in slots}  # the first is the primary model
+        if len(self.slots) < len(slots):
+            raise ModelError(f"two models judge the same view: {', '.join(str(slot.path) for slot in slots)}")
         self.shadow = Inferencer(config.shadow, threads=config.threads) if config.shadow else None
         self.client = FrameClient(config.stations, name=name, capacity=config.capacity, settings=config.transport,
                                   curve=config.curve, zero_copy=True)
@@ -136,8 +139,9 @@ class InspectionWorker:
     def step(self, timeout_s: float = 0.1) -> int:
         """Gather one batch (waiting up to ``timeout_s`` for its first frame) and judge it."""
         self._listen()
-        if self.models.poll():
-            self.counts["model_swaps"] += 1
+        for slot in self.slots.values():
+            if slot.poll():
+                self.counts["model_swaps"] += 1
         batch = self._gather(timeout_s)
         self._answer_refused()
         if batch:
@@ -161,7 +165,25 @@ class InspectionWorker:
             if message.type == "stop":
                 self.stopping.set()
             else:
-                self.models.request(None if message.model is None else Path(message.model))
+                self._reload(None if message.model is None else Path(message.model))
+
+    def _reload(self, path: Path | None) -> None:
+        """Reload every model, or load ``path`` into the slot of the view it judges."""
+        if path is None:
+            for slot in self.slots.values():
+                slot.request()
+            return
+        try:
+            view = load_metadata(path, verify_hash=False).input.view
+        except ModelError as error:
+            self.counts["model_reload_failures"] += 1
+            log.error("worker %s: cannot reload %s: %s", self.name, path, error)
+            return
+        if view not in self.slots:
+            self.counts["model_reload_failures"] += 1
+            log.error("worker %s: %s judges '%s' frames; no model of this service does", self.name, path, view)
+            return
+        self.slots[view].request(path)
 
     def _gather(self, timeout_s: float) -> list[_Pending]:
         first = self.client.receive(timeout_s)
@@ -183,17 +205,17 @@ class InspectionWorker:
         pending = _Pending(frame, time.time())
         header = frame.header
         pending.timings["queue"] = max(0.0, (pending.t_received - header.t_wall) * 1000.0)
-        meta = self.models.model.meta
         if header.dropped is not None:
             return self._settle(pending, "dropped", f"dropped:{header.dropped}", f"the station dropped it ({header.dropped})")
         if header.view in self.config.skip_views:
             return self._settle(pending, "skipped", None, "view not judged by this service")
-        if header.view != meta.input.view:
+        slot = self.slots.get(header.view)
+        if slot is None:
             return self._settle(pending, "unsupported_view", "unsupported_view",
-                                f"view {header.view!r}: the model judges {meta.input.view!r} views only")
+                                f"view {header.view!r}: no model judges it (models judge {', '.join(map(repr, self.slots))})")
         start = time.perf_counter()
         try:
-            pending.decoded = decode_for_model(frame, working_size(meta), self.config.max_pixels)
+            pending.decoded = decode_for_model(frame, working_size(slot.model.meta), self.config.max_pixels)
         except DecodeError as error:
             return self._settle(pending, error.status, error.status, error.message)
         except ProtocolError as error:  # arena_stale: the station reused the bytes; it delivers the frame again
@@ -201,7 +223,7 @@ class InspectionWorker:
         pending.timings["decode"] = _ms(start)
         start = time.perf_counter()
         try:
-            tensor, located = self.models.model.pre_process(pending.decoded.image)
+            tensor, located = slot.model.pre_process(pending.decoded.image)
         except (ValueError, cv2.error) as error:
             return self._settle(pending, "undecodable", "undecodable", f"cannot locate in this image: {error}")
         pending.timings["locate"] = _ms(start)
@@ -232,8 +254,10 @@ class InspectionWorker:
     def _judge(self, batch: list[_Pending]) -> None:
         ready = [pending for pending in batch if pending.tensor is not None]
         self.histograms["batch_size"].observe(len(ready))
-        if ready:
-            self._infer(ready)
+        for view, slot in self.slots.items():
+            judged = [pending for pending in ready if pending.frame.header.view == view]
+            if judged:
+                self._infer(slot, judged)
         messages = [self._message(pending) for pending in batch]
         for parts in messages:
             self._push.send_multipart(parts, copy=False)
@@ -249,13 +273,14 @@ class InspectionWorker:
         self.counts["verdicts"] += len(batch)
         self.counts["frames_rejected"] += sum(pending.verdict.decision == "reject" for pending in batch)  # type: ignore[union-attr]
 
-    def _infer(self, ready: list[_Pending]) -> None:
-        model = self.models.model
+    def _infer(self, slot: ModelSlot, ready: list[_Pending]) -> None:
+        model = slot.model
+        shadow = self.shadow if self.shadow is not None and self.shadow.meta.input.view == model.meta.input.view else None
         tensors = np.stack([pending.tensor for pending in ready])  # type: ignore[misc]
         start = time.perf_counter()
         try:
             outputs = model.forward(tensors)
-            shadow_outputs = None if self.shadow is None else self.shadow.forward(tensors)
+            shadow_outputs = None if shadow is None else shadow.forward(tensors)
         except Exception as error:  # onnxruntime raises its own types; every frame still gets a verdict
             log.exception("worker %s: inference failed for a batch of %d", self.name, len(ready))
             for pending in ready:
@@ -267,9 +292,7 @@ class InspectionWorker:
             start = time.perf_counter()
             prediction = model.post_process(outputs, row, pending.located)  # type: ignore[arg-type]
             decision, reasons = _decision(prediction)
-            shadow = None
-            if self.shadow is not None and shadow_outputs is not None:
-                shadow = self._shadow(shadow_outputs, row, pending, decision)
+            disagreement = None if shadow_outputs is None else self._shadow(shadow_outputs, row, pending, decision)
             scale = pending.decoded.scale  # type: ignore[union-attr]
             regions = [[[x * scale, y * scale] for x, y in outline[:: len(outline) // MAX_OUTLINE_POINTS + 1]]
                        for outline in prediction.regions[:64]]
@@ -278,7 +301,7 @@ class InspectionWorker:
                 pending, status="ok", decision=decision, reasons=reasons, probs=prediction.probs,
                 anomaly=prediction.anomaly, swelling_mm=_finite(prediction.swelling_mm),
                 swelling_pct=_finite(prediction.swelling_pct), regions=regions, boxes=_boxes(regions),
-                cell_corners=_corners(pending.located, scale), model=self.models.ref, shadow=shadow,
+                cell_corners=_corners(pending.located, scale), model=slot.ref, shadow=disagreement,
             )
             pending.tensor = None
             pending.heat = prediction.heatmap
@@ -338,17 +361,20 @@ class InspectionWorker:
         self._next_stats = time.monotonic() + _STATS_INTERVAL_S
         counters = {**self.counts, **{f"transport:{k}": v for k, v in self.client.stats.items()},
                     **{f"malformed:{k}": v for k, v in self.client.rejected.counts.items()},
-                    "model_reload_failures": self.models.failures}
+                    "model_reload_failures": self.counts["model_reload_failures"]
+                    + sum(slot.failures for slot in self.slots.values())}
         stats = WorkerStats(worker=self.name, pid=os.getpid(), counters=counters,
                             histograms={name: acc.snapshot() for name, acc in self.histograms.items()},
-                            held=self.client.held, model=self.models.ref,
+                            held=self.client.held, model=next(iter(self.slots.values())).ref,
+                            more_models=[slot.ref for slot in list(self.slots.values())[1:]],
                             shadow=None if self.shadow is None else model_ref(self.shadow))
         self._push.send_multipart(encode(stats))
 
     def close(self) -> None:
         self._send_stats()
         self.client.close()
-        self.models.close()
+        for slot in self.slots.values():
+            slot.close()
         self._push.close()
         if self._control is not None:
             self._control.close(linger=0)

@@ -48,6 +48,9 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
     channels: Annotated[int, typer.Option(min=1, max=3, help="1 = grayscale input (default), 3 = colour.")] = 1,
     batch_size: Annotated[int, typer.Option(min=2, help="Crops per step.")] = 64,
+    view: Annotated[str, typer.Option(help="Camera view to train on: top (shaded surface) or side (silhouette).")] = "top",
+    target_frr: Annotated[float, typer.Option(min=0.0001, max=0.5,
+                                              help="False-reject rate on good cells the thresholds are set at.")] = 0.005,
 ) -> None:
     """Train the detector from scratch on a dataset's train split (validation on its val split)."""
     _needs_torch()
@@ -57,8 +60,9 @@ def train(
     if channels not in (1, 3):
         raise fail("--channels must be 1 or 3")
     with _clear_errors(FileExistsError, FileNotFoundError):
-        metrics = run_training(data, out, TrainConfig(epochs=epochs, seed=seed, channels=channels, batch_size=batch_size),
-                               resume=resume)
+        config = TrainConfig(epochs=epochs, seed=seed, channels=channels, batch_size=batch_size, view=view,
+                             target_frr=target_frr)
+        metrics = run_training(data, out, config, resume=resume)
     console.print_json(json.dumps(metrics))
 
 
@@ -81,13 +85,17 @@ def export_(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[Path, typer.Argument(help="MODEL.onnx (with MODEL.json next to it).")],
-    data: Annotated[Path, typer.Option(help="Labelled dataset folder.")],
+    model: Annotated[list[Path], typer.Argument(help="MODEL.onnx (with MODEL.json next to it); one per view (say "
+                                                      "top and side) to judge whole cells as the line does.")],
+    data: Annotated[list[Path], typer.Option(help="Labelled dataset folder (repeat for views stored apart).")],
     report: Annotated[Path, typer.Option(help="Folder for metrics.json and the PNG plots.")],
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the metrics JSON here.")] = None,
     split: Annotated[str | None, typer.Option(help="Only this split (default: every frame).")] = None,
 ) -> None:
-    """Evaluate a model with the live inference code: metrics JSON, ROC/PR, confusion, swelling, worst errors."""
+    """Evaluate a model with the live inference code: metrics JSON, ROC/PR, confusion, swelling, worst errors.
+
+    With a model per view, every cell is judged by all of them (worst view wins) and the
+    metrics are per cell; each view's own report goes to REPORT/VIEW."""
     from pouchline.models.evaluate import evaluate
 
     with _clear_errors():

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pouchline.datasets.manifest import MANIFEST, DatasetError, DatasetReader
 from pouchline.datasets.records import DEFORMATION_KINDS, FrameRecord
 from pouchline.models.locate import CROP_SIZE, Located, fit_crop, locate, warp_to_crop
+from pouchline.models.sidelocate import SIDE_CROP_SIZE, locate_side
 
 #: The heat map is the crop at 1/8 resolution.
 HEAT_STRIDE = 8
@@ -52,9 +53,16 @@ def to_model_input(crop: np.ndarray, channels: int) -> np.ndarray:
     return crop
 
 
-def align(image: np.ndarray, aligned_crops: bool) -> Located:
+def crop_size_of(view: str, aligned_crops: bool) -> tuple[int, int]:
+    """Crop size (width, height) of a view: the side view's silhouette band has its own."""
+    return SIDE_CROP_SIZE if view == "side" and not aligned_crops else CROP_SIZE
+
+
+def align(image: np.ndarray, aligned_crops: bool, view: str = "top") -> Located:
     """The one way frames become crops, for training, evaluation and inspection alike."""
-    return fit_crop(image) if aligned_crops else locate(image)
+    if aligned_crops:
+        return fit_crop(image)
+    return locate_side(image) if view == "side" else locate(image)
 
 
 def manifest_hash(root: Path) -> str:
@@ -71,8 +79,8 @@ def _worst_kind(record: FrameRecord) -> str:
     return max(defects)[1] if defects else record.labels[0]
 
 
-def _prepare_one(args: tuple[str, str, bool, int, list[str]]) -> tuple | None:
-    root, record_json, aligned, channels, classes = args
+def _prepare_one(args: tuple[str, str, bool, int, list[str], str]) -> tuple | None:
+    root, record_json, aligned, channels, classes, view = args
     reader_root = Path(root)
     record = FrameRecord.model_validate_json(record_json)
     image = cv2.imread(str(reader_root / record.image), cv2.IMREAD_UNCHANGED)
@@ -80,16 +88,17 @@ def _prepare_one(args: tuple[str, str, bool, int, list[str]]) -> tuple | None:
         raise DatasetError(reader_root / record.image, "cannot be decoded as an image")
     if image.ndim == 3 and image.shape[2] == 4:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    located = align(image, aligned)
+    located = align(image, aligned, view)
     if located.status != "ok" or located.crop is None:
         return None
     crop = to_model_input(located.crop, channels)
     labels = np.array([1.0 if name in record.labels else 0.0 for name in classes], np.float32)
-    heat_size = (CROP_SIZE[0] // HEAT_STRIDE, CROP_SIZE[1] // HEAT_STRIDE)
+    crop_size = (crop.shape[1], crop.shape[0])
+    heat_size = (crop_size[0] // HEAT_STRIDE, crop_size[1] // HEAT_STRIDE)
     heat = np.full(heat_size[::-1], np.nan, np.float32)
     if record.mask is not None:
         mask = cv2.imread(str(reader_root / record.mask), cv2.IMREAD_GRAYSCALE)
-        crop_mask = warp_to_crop((mask > 0).astype(np.float32), located, interpolation=cv2.INTER_LINEAR)
+        crop_mask = warp_to_crop((mask > 0).astype(np.float32), located, crop_size, interpolation=cv2.INTER_LINEAR)
         heat = cv2.resize(crop_mask, heat_size, interpolation=cv2.INTER_AREA)
     elif record.ground_truth is not None or "ok" in record.labels:
         heat = np.zeros(heat_size[::-1], np.float32)
@@ -106,7 +115,7 @@ def prepare(root: Path, split: str | None, *, channels: int, classes: list[str],
     """Crops and targets of a dataset split (all frames of ``view``; all splits if None)."""
     reader = DatasetReader(root)
     aligned = reader.info.aligned_crops
-    key = hashlib.sha256(f"v2:{manifest_hash(root)}:{split}:{channels}:{classes}:{view}:{CROP_SIZE}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"v2:{manifest_hash(root)}:{split}:{channels}:{classes}:{view}:{crop_size_of(view, aligned)}".encode()).hexdigest()[:16]
     cache = None if cache_dir is None else cache_dir / f"{split or 'all'}-{key}.npz"
     if cache is not None and cache.exists():
         with np.load(cache, allow_pickle=False) as data:
@@ -116,7 +125,7 @@ def prepare(root: Path, split: str | None, *, channels: int, classes: list[str],
     records = [r for r in reader.records(split) if r.view == wanted]
     if not records:
         raise DatasetError(root, f"has no '{wanted}' frames in split {split or 'any'}: nothing to train or evaluate on")
-    jobs = [(str(root), r.model_dump_json(), aligned, channels, classes) for r in records]
+    jobs = [(str(root), r.model_dump_json(), aligned, channels, classes, view) for r in records]
     rows: list[tuple | None] = []
     with Progress(TextColumn(f"[bold]prepare {split or 'all'}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), disable=not progress) as bar:

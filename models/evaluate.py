@@ -24,7 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pouchline.datasets.manifest import DatasetError, DatasetReader
 from pouchline.datasets.records import DEFORMATION_KINDS, FrameRecord
 from pouchline.models.inference import Inferencer, Prediction
-from pouchline.models.metrics import auroc, pr_curve, recall, roc_curve
+from pouchline.models.metadata import ModelError, ModelMetadata
+from pouchline.models.metrics import auroc, pr_curve, roc_curve
 
 #: Swollen recall is specified for swelling of at least this much (mm).
 SWOLLEN_RECALL_FROM_MM = 0.5
@@ -41,11 +42,9 @@ class Scored:
 
 def _score(model: Inferencer, reader: DatasetReader, split: str | None, view: str, progress: bool) -> list[Scored]:
     records = [r for r in reader.records(split) if r.view == view]
-    if not records:
-        raise DatasetError(reader.root, f"has no '{view}' frames{f' in split {split}' if split else ''} to evaluate")
     scored: list[Scored] = []
-    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not progress) as bar:
+    with Progress(TextColumn(f"[bold]eval {view}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not progress or not records) as bar:
         task = bar.add_task("frames", total=len(records))
         for start in range(0, len(records), _BATCH):
             chunk = records[start : start + _BATCH]
@@ -56,13 +55,61 @@ def _score(model: Inferencer, reader: DatasetReader, split: str | None, view: st
     return scored
 
 
+def merge_views(views: dict[str, list[Scored]], metas: dict[str, ModelMetadata]) -> tuple[list[Scored], int]:
+    """Per-view predictions joined into one per cell, as the line decides a cell: worst view wins.
+
+    A cell is flagged by anything any view flags; its probabilities are the largest over
+    the views (for AUROC); its anomaly score is the largest score relative to its model's
+    threshold (so 1.0 is the threshold); its swelling is the thickness gauge's (`gauge_view`).
+    A cell some view could not locate keeps that status and counts as not located. Returns
+    the cells judged by every view and the number of cells some view has no frame of.
+    """
+    gauge = gauge_view(metas)
+    cells: dict[str, dict[str, Scored]] = {}
+    for view, scored in views.items():
+        for item in scored:
+            cells.setdefault(item.record.cell, {})[view] = item
+    merged, incomplete = [], 0
+    for per_view in cells.values():
+        if len(per_view) < len(views):
+            incomplete += 1
+            continue
+        predictions = {view: item.prediction for view, item in per_view.items()}
+        unlocated = [p.status for p in predictions.values() if p.status != "ok"]
+        if unlocated:
+            merged.append(Scored(per_view[gauge].record, Prediction(status=unlocated[0])))
+            continue
+        outputs = metas[gauge].outputs
+        merged.append(Scored(per_view[gauge].record, Prediction(
+            status="ok",
+            probs={name: max(p.probs[name] for p in predictions.values()) for name in outputs},
+            flagged=sorted({flag for p in predictions.values() for flag in p.flagged}),
+            anomaly=max(p.anomaly / metas[view].anomaly_threshold for view, p in predictions.items()),
+            swelling_mm=predictions[gauge].swelling_mm, swelling_pct=predictions[gauge].swelling_pct,
+        )))
+    return merged, incomplete
+
+
+def gauge_view(metas: dict[str, ModelMetadata]) -> str:
+    """The view whose swelling estimate a cell reports: the model with the smallest swelling
+    error on its validation split (a side silhouette measures thickness; a top view infers it)."""
+    return min(metas, key=lambda view: metas[view].metrics.get("val_swelling_mae_mm", float("inf")))
+
+
 def _defect_kinds(record: FrameRecord) -> set[str]:
     return {kind for kind, severity in record.severities.items() if severity > 0 and kind in DEFORMATION_KINDS}
 
 
-def compute_metrics(scored: list[Scored], model: Inferencer) -> dict[str, Any]:
-    """The metrics JSON: per-output recall/AUROC, false rejects, swelling error, anomaly recall."""
-    meta = model.meta
+def _flag_share(items: list[Scored], flag: str) -> float:
+    """Share of items flagged with ``flag`` (NaN for none)."""
+    return float(np.mean([flag in s.prediction.flagged for s in items])) if items else float("nan")
+
+
+def compute_metrics(scored: list[Scored], meta: ModelMetadata) -> dict[str, Any]:
+    """The metrics JSON: per-output recall/AUROC, false rejects, swelling error, anomaly recall.
+
+    Recalls count what was flagged, so the same code scores one model's frames and the
+    cells that several views judged together (`merge_views`)."""
     located = [s for s in scored if s.prediction.status == "ok"]
     metrics: dict[str, Any] = {
         "images": len(scored),
@@ -87,8 +134,8 @@ def compute_metrics(scored: list[Scored], model: Inferencer) -> dict[str, Any]:
             positives = truth
         metrics[name] = {
             "auroc": auroc(scores, truth),
-            "recall": recall(scores[positives], meta.thresholds[name]),
-            "recall_all": recall(scores[truth], meta.thresholds[name]),
+            "recall": _flag_share([s for s, keep in zip(located, positives) if keep], name),
+            "recall_all": _flag_share([s for s, keep in zip(located, truth) if keep], name),
             "positives": int(positives.sum()),
         }
     if good:
@@ -97,6 +144,12 @@ def compute_metrics(scored: list[Scored], model: Inferencer) -> dict[str, Any]:
         metrics["false_reject_rate_defect_outputs"] = float(np.mean([bool(set(s.prediction.flagged) - {"anomaly"})
                                                                     for s in good]))
         metrics["good_images"] = len(good)
+        if held_out:
+            # Good cells may carry an in-spec mark of the held-out kind, which the model has
+            # never seen in any size; how many of the false rejects those marks cause:
+            familiar = [s for s in good if not _marks(s.record) & held_out]
+            metrics["false_reject_rate_without_unseen_marks"] = float(np.mean([bool(s.prediction.flagged)
+                                                                                for s in familiar]))
     else:
         metrics["false_reject_rate"] = float("nan")
     with_truth = [s for s in located if s.record.ground_truth is not None]
@@ -107,14 +160,20 @@ def compute_metrics(scored: list[Scored], model: Inferencer) -> dict[str, Any]:
     metrics["per_kind"] = _per_kind(located)
     anomaly_scores = np.array([s.prediction.anomaly for s in located])
     defective = np.array([s.record.labels != ["ok"] for s in located])
-    unseen = np.array([bool(_defect_kinds(s.record) & held_out) for s in located])
+    unseen = [s for s in located if _defect_kinds(s.record) & held_out]
     metrics["anomaly"] = {
         "auroc": auroc(anomaly_scores, defective),
         "held_out_kinds": sorted(held_out),
-        "recall_unseen": recall(anomaly_scores[unseen], meta.anomaly_threshold),
-        "unseen_images": int(unseen.sum()),
+        "recall_unseen": _flag_share(unseen, "anomaly"),
+        "unseen_images": len(unseen),
     }
     return metrics
+
+
+def _marks(record: FrameRecord) -> set[str]:
+    """Deformation kinds drawn on a cell, in spec or not (renderer truth; empty without it)."""
+    render = record.ground_truth.render if record.ground_truth is not None else {}
+    return {mark["kind"] for mark in render.get("deformations", []) if isinstance(mark, dict) and "kind" in mark}
 
 
 def _per_kind(located: list[Scored]) -> dict[str, dict[str, float]]:
@@ -256,16 +315,64 @@ def _worst_grid(located: list[Scored], model: Inferencer, reader: DatasetReader,
     cv2.imwrite(str(out), np.vstack(rows))
 
 
-def evaluate(model_path: Path, data: Path, report: Path, *, split: str | None = None, threads: int = 2,
-             progress: bool = True) -> dict[str, Any]:
-    """Evaluate a model on a dataset (one split, or all frames); writes the report folder."""
-    model = Inferencer(model_path, threads=threads)
-    reader = DatasetReader(data)
-    view = "crop" if model.meta.input.aligned_crops else model.meta.input.view
-    scored = _score(model, reader, split, view, progress)
-    metrics = {"model": str(model_path), "model_sha256": model.meta.sha256, "data": str(data), "split": split,
-               **compute_metrics(scored, model)}
+def _view_of(model: Inferencer) -> str:
+    return "crop" if model.meta.input.aligned_crops else model.meta.input.view
+
+
+def evaluate(models: Path | list[Path], data: Path | list[Path], report: Path, *, split: str | None = None,
+             threads: int = 2, progress: bool = True) -> dict[str, Any]:
+    """Evaluate one model, or one model per view judging cells together, on labelled datasets.
+
+    Each model judges the frames of its view in every dataset given. With one model the
+    metrics are per frame, with the plots in ``report``. With several (say top and side),
+    the metrics are per cell, the way the line decides (`merge_views`), and each view's
+    own metrics and plots go under ``views`` and ``report/VIEW``.
+    """
+    paths = [models] if isinstance(models, Path) else list(models)
+    roots = [data] if isinstance(data, Path) else list(data)
+    if not paths or not roots:
+        raise ValueError("evaluation needs at least one model and one dataset")
+    loaded: dict[str, Inferencer] = {}
+    for path in paths:
+        model = Inferencer(path, threads=threads)
+        view = _view_of(model)
+        if view in loaded:
+            raise ModelError(f"{path} and {loaded[view].path} both judge '{view}' frames; give one model per view")
+        loaded[view] = model
+    readers = [DatasetReader(root) for root in roots]
+    scored: dict[str, list[Scored]] = {}
+    sources: dict[str, DatasetReader] = {}
+    for view, model in loaded.items():
+        scored[view] = []
+        for reader in readers:
+            found = _score(model, reader, split, view, progress)
+            if found and view not in sources:
+                sources[view] = reader
+            scored[view].extend(found)
+        if not scored[view]:
+            where = readers[0].root if len(readers) == 1 else ", ".join(str(r.root) for r in readers)
+            raise DatasetError(Path(str(where)), f"has no '{view}' frames{f' in split {split}' if split else ''} to evaluate")
     report.mkdir(parents=True, exist_ok=True)
+    header = {"model": ", ".join(map(str, paths)), "model_sha256": ", ".join(m.meta.sha256 for m in loaded.values()),
+              "data": ", ".join(map(str, roots)), "split": split}
+    if len(loaded) == 1:
+        (view, model), = loaded.items()
+        metrics = {**header, **compute_metrics(scored[view], model.meta)}
+        _plots(scored[view], model, sources[view], report)
+    else:
+        metas = {view: model.meta for view, model in loaded.items()}
+        if any(not meta.multilabel or meta.outputs != metas[gauge_view(metas)].outputs for meta in metas.values()):
+            raise ModelError("models judge cells together only when all are multi-label with the same outputs: "
+                             + "; ".join(f"{m.path}: {m.meta.outputs}" for m in loaded.values()))
+        cells, incomplete = merge_views(scored, metas)
+        metrics = {**header, "unit": "cell", "gauge_view": gauge_view(metas), "cells_incomplete": incomplete,
+                   **compute_metrics(cells, metas[gauge_view(metas)]),
+                   "thresholds": {view: meta.thresholds for view, meta in metas.items()},
+                   "anomaly_threshold": {view: meta.anomaly_threshold for view, meta in metas.items()},
+                   "views": {}}
+        for view, model in loaded.items():
+            metrics["views"][view] = compute_metrics(scored[view], model.meta)
+            (report / view).mkdir(exist_ok=True)
+            _plots(scored[view], model, sources[view], report / view)
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _plots(scored, model, reader, report)
     return metrics

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 
 from pouchline.datasets.records import DEFORMATION_KINDS
-from pouchline.models.dataprep import HEAT_STRIDE, Prepared, prepare
+from pouchline.models.dataprep import HEAT_STRIDE, Prepared, crop_size_of, prepare
 from pouchline.models.inference import bare_runner
-from pouchline.models.locate import CROP_SIZE
 from pouchline.models.metadata import OUTPUT_NAMES, InputSpec, ModelError, ModelMetadata, file_sha256, metadata_path
 from pouchline.models.metrics import auroc
 from pouchline.models.stemquant import quantise_stem
@@ -55,7 +54,8 @@ def export_fp32(run: Path, out: Path) -> None:
     deployed = Deployed(detector, described["mean"], described["std"], described["multilabel"],
                         torch.tensor(calibration["centre"]), torch.tensor(calibration["whitening"]),
                         (swelling["scale"], swelling["offset"])).eval()
-    example = torch.zeros((2, CROP_SIZE[1], CROP_SIZE[0], channels), dtype=torch.uint8)
+    width, height = crop_size_of(described["config"]["view"], described["dataset"]["aligned_crops"])
+    example = torch.zeros((2, height, width, channels), dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
         deployed, (example,), str(out), input_names=["image"], output_names=list(OUTPUT_NAMES),
@@ -130,18 +130,30 @@ def output_aurocs(scores: dict[str, np.ndarray], data: Prepared, classes: list[s
     return {k: v for k, v in result.items() if np.isfinite(v)}
 
 
+def validation_metrics(scores: dict[str, np.ndarray], data: Prepared, classes: list[str], outputs: list[str],
+                       has_swelling: bool) -> dict[str, Any]:
+    """What the metadata records of a file on the validation split: per-output AUROC and, for a
+    model with a thickness gauge, its swelling error (which view's gauge a cell reports)."""
+    metrics: dict[str, Any] = {"val_auroc": output_aurocs(scores, data, classes, outputs)}
+    known = np.isfinite(data.swelling)
+    if has_swelling and known.any():
+        metrics["val_swelling_mae_mm"] = float(np.abs(scores["swelling_mm"][known] - data.swelling[known]).mean())
+    return metrics
+
+
 def _metadata(model: Path, precision: str, described: dict[str, Any], calibration: dict[str, Any],
               metrics: dict[str, Any]) -> ModelMetadata:
     dataset = described["dataset"]
     spec = dataset.get("spec") or {}
     trained_kinds = dataset.get("source", {}).get("kinds")
+    width, height = crop_size_of(described["config"]["view"], dataset["aligned_crops"])
     return ModelMetadata(
-        name="pouchline-detector",
+        name=model.name.removesuffix(".onnx").removesuffix(".int8"),
         version=f"{package_metadata.version('pouchline')}+seed{described['config']['seed']}",
         precision=precision,  # type: ignore[arg-type]
         sha256=file_sha256(model),
         input=InputSpec(
-            width=CROP_SIZE[0], height=CROP_SIZE[1], channels=described["config"]["channels"],
+            width=width, height=height, channels=described["config"]["channels"],
             mean=described["mean"], std=described["std"], aligned_crops=dataset["aligned_crops"],
             view="crop" if dataset["aligned_crops"] else described["config"]["view"],
         ),
@@ -178,8 +190,9 @@ def export(run: Path, out: Path, *, int8: bool = False, calib: Path | None = Non
     val = prepare(Path(described["data"]), "val", channels=described["config"]["channels"], classes=classes,
                   view=described["config"]["view"], cache_dir=run / "cache", workers=1, progress=progress)
     export_fp32(run, out)
-    fp32_scores = output_aurocs(score_outputs(out, val.crops), val, classes, outputs)
-    metadata_path(out).write_text(_metadata(out, "fp32", described, calibration, {"val_auroc": fp32_scores}).model_dump_json(indent=2))
+    fp32_metrics = validation_metrics(score_outputs(out, val.crops), val, classes, outputs, described["has_swelling"])
+    fp32_scores = fp32_metrics["val_auroc"]
+    metadata_path(out).write_text(_metadata(out, "fp32", described, calibration, fp32_metrics).model_dump_json(indent=2))
     result: dict[str, Any] = {"fp32": str(out), "fp32_auroc": fp32_scores}
     if not int8:
         return result
@@ -189,7 +202,8 @@ def export(run: Path, out: Path, *, int8: bool = False, calib: Path | None = Non
     pick = np.random.default_rng(0).permutation(len(calibration_set))[:_CALIBRATION_CROPS]
     int8_path = out.with_name(out.stem + ".int8.onnx")
     quantise_int8(out, int8_path, calibration_set.crops[np.sort(pick)], described["mean"])
-    int8_scores = output_aurocs(score_outputs(int8_path, val.crops), val, classes, outputs)
+    int8_metrics = validation_metrics(score_outputs(int8_path, val.crops), val, classes, outputs, described["has_swelling"])
+    int8_scores = int8_metrics["val_auroc"]
     losses = {name: fp32_scores[name] - int8_scores.get(name, float("nan")) for name in fp32_scores}
     result.update(int8=str(int8_path), int8_auroc=int8_scores, auroc_loss=losses)
     worst = max(losses, key=lambda name: losses[name] if np.isfinite(losses[name]) else np.inf)
@@ -201,6 +215,7 @@ def export(run: Path, out: Path, *, int8: bool = False, calib: Path | None = Non
             raise AccuracyGateError(f"{int8_path}: not written: {message} (pass --force to keep it anyway)")
         result["forced"] = message
     meta = _metadata(int8_path, "int8", described, calibration,
-                     {"val_auroc": int8_scores, "auroc_loss_vs_fp32": losses, **({"forced": result["forced"]} if force and "forced" in result else {})})
+                     {**int8_metrics, "auroc_loss_vs_fp32": losses,
+                      **({"forced": result["forced"]} if force and "forced" in result else {})})
     metadata_path(int8_path).write_text(meta.model_dump_json(indent=2))
     return result

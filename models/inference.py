@@ -87,7 +87,7 @@ class Inferencer:
             raise ValueError(f"not an image: {None if image is None else image.shape}")
         if image.ndim == 3 and image.shape[2] == 4:
             image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-        located = align(image, self.meta.input.aligned_crops)
+        located = align(image, self.meta.input.aligned_crops, self.meta.input.view)
         if located.status != "ok" or located.crop is None:
             return None, located
         return to_model_input(located.crop, self.meta.input.channels), located

@@ -17,7 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,7 +41,8 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(64, ge=2, description="Crops per optimiser step.")
     learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate (one-cycle schedule).")
     channels: int = Field(1, description="1 = grayscale input, 3 = BGR.")
-    view: str = Field("top", description="Which camera's frames to train on.")
+    view: Literal["top", "side"] = Field("top", description="Which camera's frames to train on (imported aligned "
+                                        "crops: ignored).")
     target_frr: float = Field(0.005, gt=0, lt=1, description="False-reject rate on good cells the thresholds are set at.")
     heat_weight: float = Field(2.0, ge=0, description="Weight of the heat-map loss.")
     swelling_weight: float = Field(1.0, ge=0, description="Weight of the swelling (mm) loss.")
@@ -65,23 +66,59 @@ def task_of(classes: list[str]) -> tuple[list[str], bool]:
     return list(classes), False
 
 
-def _targets(prepared: Prepared, classes: list[str], outputs: list[str]) -> np.ndarray:
+def _targets(prepared: Prepared, classes: list[str], outputs: list[str], view: str = "top") -> np.ndarray:
+    """Per-output targets; NaN where the frame cannot show its label (left out of the loss).
+
+    A side view sees only what changes the silhouette: a dent or a crease leaves it as it
+    was, and the frame's defect mask is empty. Teaching the side model that such a frame is
+    'deformed' would only teach it to hedge on every cell; the top view judges those.
+    """
     index = [classes.index(name) for name in outputs]
-    return prepared.labels[:, index]
+    targets = prepared.labels[:, index].copy()
+    if view == "side" and "deformed" in outputs:
+        column = outputs.index("deformed")
+        unseen = np.isfinite(prepared.heat).all(axis=(1, 2)) & (np.nan_to_num(prepared.heat).max(axis=(1, 2)) == 0)
+        targets[unseen & (targets[:, column] > 0.5), column] = np.nan
+    return targets
 
 
-def _augment(batch: torch.Tensor, heat: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Photometric jitter, sensor noise, small shifts and vertical flips (N, H, W, C floats 0..255)."""
+def _blur(batch: torch.Tensor, generator: torch.Generator, max_sigma: float) -> torch.Tensor:
+    """Each crop blurred by its own Gaussian (sigma up to ``max_sigma`` crop pixels across the
+    cell's length, half that along it): a lens out of focus or a cell moving past the camera."""
+    n, height, width, channels = batch.shape
+    sigma = torch.empty(n).uniform_(0.0, max_sigma, generator=generator)
+    offsets = torch.arange(-3, 4, dtype=torch.float32)
+    planes = batch.permute(3, 0, 1, 2).reshape(1, channels * n, height, width)
+    for axis, scale in ((2, 1.0), (3, 0.5)):
+        kernel = torch.exp(-0.5 * (offsets[None, :] / (sigma[:, None] * scale).clamp_min(1e-3)) ** 2)
+        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat(channels, 1)
+        shape = (channels * n, 1, 7, 1) if axis == 2 else (channels * n, 1, 1, 7)
+        padding = (0, 0, 3, 3) if axis == 2 else (3, 3, 0, 0)
+        planes = nn.functional.conv2d(nn.functional.pad(planes, padding, mode="replicate"), kernel.reshape(shape),
+                                      groups=channels * n)
+    return planes.reshape(channels, n, height, width).permute(1, 2, 3, 0)
+
+
+def _augment(batch: torch.Tensor, heat: torch.Tensor, generator: torch.Generator,
+             view: str = "top") -> tuple[torch.Tensor, torch.Tensor]:
+    """Photometric jitter, sensor noise, small shifts and vertical flips (N, H, W, C floats 0..255).
+
+    A top-view crop mirrored across its long axis is another valid cell; a side-view crop is
+    not (the belt is always below). A side-view crop is blurred instead: its silhouette's edge
+    is where thickness is read, and how sharp that edge is depends on the camera."""
     n = batch.shape[0]
+    mirror = view != "side"
     gain = torch.empty(n, 1, 1, 1).uniform_(0.75, 1.25, generator=generator)
     offset = torch.empty(n, 1, 1, 1).uniform_(-12.0, 12.0, generator=generator)
     noise = torch.randn(batch.shape, generator=generator) * torch.empty(n, 1, 1, 1).uniform_(0.0, 5.0, generator=generator)
     batch = batch * gain + offset + noise
-    flip = torch.rand(n, generator=generator) < 0.5
+    flip = (torch.rand(n, generator=generator) < 0.5) & mirror
     batch[flip] = batch[flip].flip(1)
     heat = heat.clone()
     heat[flip] = heat[flip].flip(1)
     shift = int(torch.randint(-3, 4, (1,), generator=generator))
+    if view == "side":
+        batch = _blur(batch, generator, 1.2)
     return batch.roll(shift, dims=2), heat
 
 
@@ -162,7 +199,8 @@ class Trainer:
               swelling: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
         logits, heat_logits, swelling_mm, _, kind_logits = outputs
         if self.multilabel:
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, targets)
+            known_targets = torch.isfinite(targets)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits[known_targets], targets[known_targets])
         else:
             loss = nn.functional.cross_entropy(logits, targets.argmax(dim=1))
         known_heat = torch.isfinite(heat)
@@ -182,7 +220,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs (checkpoint after each), then calibrate and save."""
-        targets = _targets(self.train_set, self.info.classes, self.outputs)
+        targets = _targets(self.train_set, self.info.classes, self.outputs, self.config.view)
         n, size = len(self.train_set), self.config.batch_size
         with Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), disable=not self.progress) as bar:
@@ -196,7 +234,7 @@ class Trainer:
                 for step in range(n // size):
                     rows = order[step * size : (step + 1) * size]
                     crops, heat = _augment(torch.as_tensor(self.train_set.crops[rows], dtype=torch.float32),
-                                           torch.as_tensor(self.train_set.heat[rows]), generator)
+                                           torch.as_tensor(self.train_set.heat[rows]), generator, self.config.view)
                     x = ((crops - self.mean) / self.std).permute(0, 3, 1, 2).contiguous()
                     loss = self._loss(self.model.forward_all(x), torch.as_tensor(targets[rows]), heat,
                                       torch.as_tensor(self.train_set.swelling[rows]),
@@ -233,12 +271,14 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Per-output AUROC and swelling error on the validation split."""
         predicted = self.predict(self.val_set)
-        targets = _targets(self.val_set, self.info.classes, self.outputs)
-        result = {f"val_{name}_auroc": auroc(predicted["probs"][:, k], targets[:, k] > 0.5)
+        targets = _targets(self.val_set, self.info.classes, self.outputs, self.config.view)
+        known = np.isfinite(targets)
+        result = {f"val_{name}_auroc": auroc(predicted["probs"][known[:, k], k], targets[known[:, k], k] > 0.5)
                   for k, name in enumerate(self.outputs)}
-        known = np.isfinite(self.val_set.swelling)
-        if self.has_swelling and known.any():
-            result["val_swelling_mae_mm"] = float(np.abs(predicted["swelling"][known] - self.val_set.swelling[known]).mean())
+        known_swelling = np.isfinite(self.val_set.swelling)
+        if self.has_swelling and known_swelling.any():
+            result["val_swelling_mae_mm"] = float(np.abs(predicted["swelling"][known_swelling]
+                                                         - self.val_set.swelling[known_swelling]).mean())
         return result
 
     def finish(self) -> dict[str, Any]:
@@ -296,7 +336,7 @@ class Trainer:
 
     def _decisions(self, predicted: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict[str, float]:
         """Validation recall per output at the thresholds (multi-class: accuracy and per-class recall)."""
-        targets = _targets(self.val_set, self.info.classes, self.outputs)
+        targets = _targets(self.val_set, self.info.classes, self.outputs, self.config.view)
         if not self.multilabel:
             truth, guess = targets.argmax(axis=1), predicted["probs"].argmax(axis=1)
             result = {"val_accuracy": float((truth == guess).mean())}

@@ -211,6 +211,37 @@ def test_views_of_a_cell_are_judged_together_and_the_worst_view_wins(collector) 
     assert {frame.worker for v in verdicts.values() for frame in v.frames} == {"w0", "w1"}
 
 
+def test_the_side_model_judges_side_views_beside_the_top_model(collector) -> None:
+    """By default a service runs the shipped top and side models; each judges its own view's
+    frames, and the side view's thickness gauge reads the renderer's swelling."""
+    running, cells = collector
+    station = Station(station_config([{"name": "cam", "cells": "source",
+                                       "source": synthetic(16, seed=8, views=["top", "side"], defect_rate=0.6)}])).start()
+    worker, thread = worker_thread(inspect_config(station.server.endpoint), running)
+    try:
+        verdicts = cells.wait(16)
+    finally:
+        stop_worker(worker, thread)
+        station.stop()
+    assert len(verdicts) == 16
+    for verdict in verdicts.values():
+        frames = {frame.view: frame for frame in verdict.frames}
+        assert frames["top"].model.name == "pouchline-detector" and frames["side"].model.name == "pouchline-side"  # type: ignore[union-attr]
+        side = frames["side"]
+        assert side.status == "ok" and side.swelling_mm is not None and side.truth is not None
+        assert abs(side.swelling_mm - side.truth.ground_truth.swelling_mm) < 0.3  # type: ignore[union-attr]
+        rejected = any(frame.decision == "reject" for frame in verdict.frames)
+        assert verdict.decision == ("reject" if rejected else "pass")
+
+
+def test_two_models_for_one_view_are_refused(tmp_path: Path) -> None:
+    from pouchline.models.metadata import ModelError
+
+    config = inspect_config("tcp://127.0.0.1:5999", more_models=[FP32_MODEL])
+    with pytest.raises(ModelError, match="both judge 'top' frames"):
+        InspectService(config)
+
+
 def _frame_verdict(camera: str, view: str, decision: str, reasons: list[str], seq: int, *, views: int = 2,
                    status: str = "ok") -> FrameVerdict:
     return FrameVerdict(station="st", camera=camera, lot="L1", cell="c1", view=view, views=views, seq=seq,

@@ -19,13 +19,14 @@ import pytest
 from pouchline.datasets.domain import load_domain
 from pouchline.datasets.importer import import_dataset
 from pouchline.datasets.manifest import DatasetError
-from pouchline.datasets.render import render_top
-from pouchline.datasets.scene import sample_scene
+from pouchline.datasets.render import render_side, render_top
+from pouchline.datasets.scene import CellScene, sample_scene
 from pouchline.datasets.spec import CellSpec
 from pouchline.datasets.synth import SynthConfig, synthesize
 from pouchline.models.locate import CROP_SIZE, locate
 from pouchline.models.metadata import ModelError, metadata_path
 from pouchline.models.metrics import auroc, threshold_at_frr
+from pouchline.models.sidelocate import SIDE_CROP_SIZE, locate_side
 
 torch = pytest.importorskip("torch", reason="training tests need the [train] extra (torch==2.13.0)")
 
@@ -293,3 +294,116 @@ def test_imported_crops_with_their_own_classes(tmp_path: Path) -> None:
         assert {"recall", "auroc"} <= set(result["puffy"])
         meta = json.loads(metadata_path(path).read_text())
         assert meta["input"]["aligned_crops"] is True and meta["input"]["channels"] == 3
+
+
+# -- the side view: silhouette locate, a side model, and cells judged by both views -----------
+
+
+def side_frame(scene: CellScene) -> np.ndarray:
+    return render_side(scene).image
+
+
+def test_locate_side_finds_the_silhouette_wherever_the_cell_lies() -> None:
+    """The crop starts a fixed share of the body's length before the body, whatever its pose."""
+    for index in range(12):
+        scene = sample_scene(5, index, spec=SPEC, domain=DOMAIN, defect_rate=0.0)
+        located = locate_side(side_frame(replace(scene, swelling_mm=0.0, deformations=())))
+        assert located.status == "ok" and located.crop is not None
+        assert located.crop.shape == (SIDE_CROP_SIZE[1], SIDE_CROP_SIZE[0])
+        columns = (located.crop[40:52] < 130).all(axis=0)  # rows 1-4 mm above the belt: the body
+        start = int(np.argmax(columns))
+        assert abs(start - SIDE_CROP_SIZE[0] * 0.12 / 1.37) <= 3, (index, start)
+
+
+def _silhouette_rows(crop: np.ndarray) -> float:
+    """Dark crop rows over the middle of the body (the cell's height in crop pixels)."""
+    middle = crop[:, SIDE_CROP_SIZE[0] * 3 // 10 : SIDE_CROP_SIZE[0] * 6 // 10].astype(np.float32)
+    return float(((230.0 - middle) / 200.0).clip(0, 1).sum(axis=0).mean())
+
+
+def test_side_crop_measures_thickness_whatever_the_camera_distance() -> None:
+    """The crop is scaled by the body's length, so a swelling reads the same at any distance,
+    and a swelling of 1 mm raises the silhouette by about 4 crop rows (4 rows per mm)."""
+    base = replace(sample_scene(7, 1, spec=SPEC, domain=DOMAIN, defect_rate=0.0), swelling_mm=0.0, deformations=())
+    heights = {}
+    for camera_mm in (285.0, 335.0):
+        for swelling in (0.0, 1.0):
+            scene = replace(base, swelling_mm=swelling, appearance=replace(base.appearance, camera_height_mm=camera_mm))
+            heights[camera_mm, swelling] = _silhouette_rows(locate_side(side_frame(scene)).crop)  # type: ignore[arg-type]
+    for camera_mm in (285.0, 335.0):
+        assert 2.5 < heights[camera_mm, 1.0] - heights[camera_mm, 0.0] < 5.5, heights
+    assert abs(heights[285.0, 0.0] - heights[335.0, 0.0]) < 0.6, heights
+
+
+def test_locate_side_reports_no_cell_and_partial_cell() -> None:
+    scene = sample_scene(5, 2, spec=SPEC, domain=DOMAIN, defect_rate=0.0)
+    image = side_frame(scene)
+    empty = image.copy()
+    empty[: int(480 * 0.62)] = np.median(image[:100], axis=(0, 1))  # backlight only above the belt
+    assert locate_side(empty).status == "no_cell"
+    assert locate_side(np.full((480, 640, 3), 90, np.uint8)).status == "no_cell"  # no backlight at all
+    assert locate_side(np.ascontiguousarray(image[:, 250:])).status == "partial_cell"
+    with pytest.raises(ValueError, match="at least 32x32"):
+        locate_side(np.zeros((10, 10), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny_side(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The side frames of the tiny dataset's cells, a 2-epoch side run and its export."""
+    root = tmp_path_factory.mktemp("tiny-side")
+    data = root / "data"
+    synthesize(data, SynthConfig(count=360, seed=3, defect_rate=0.4, views=("side",)), workers=2, progress=False)
+    train(data, root / "run", TrainConfig(epochs=2, seed=1, batch_size=32, view="side"), progress=False)
+    model = root / "model" / "tiny-side.onnx"
+    result = export(root / "run", model, int8=True, calib=data, force=True, progress=False)
+    return {"data": data, "model": model, "int8": Path(result["int8"]), "root": root}
+
+
+def test_side_model_exports_its_own_input_and_runs_int8(tiny_side: dict[str, Path]) -> None:
+    meta = json.loads(metadata_path(tiny_side["model"]).read_text())
+    assert meta["input"]["view"] == "side" and (meta["input"]["width"], meta["input"]["height"]) == SIDE_CROP_SIZE
+    assert meta["name"] == "tiny-side" and meta["metrics"]["val_swelling_mae_mm"] >= 0
+    for path in (tiny_side["model"], tiny_side["int8"]):
+        model = Inferencer(path)
+        scene = sample_scene(3, 0, spec=SPEC, domain=DOMAIN, defect_rate=0.4)
+        prediction = model.predict([side_frame(scene)])[0]
+        assert prediction.status == "ok" and set(prediction.probs) == {"swollen", "deformed"}
+        assert prediction.heatmap is not None and prediction.heatmap.shape == (SIDE_CROP_SIZE[1] // 8, SIDE_CROP_SIZE[0] // 8)
+        with pytest.raises(ValueError, match=r"not \(N, 64, 256, 1\) uint8"):
+            model.forward(np.zeros((1, 112, 208, 1), np.uint8))
+
+
+def test_eval_judges_cells_with_a_model_per_view(tiny: dict[str, Path], tiny_side: dict[str, Path]) -> None:
+    report = tiny_side["root"] / "cells"
+    metrics = evaluate([tiny["model"], tiny_side["model"]], [tiny["data"], tiny_side["data"]], report, split="val",
+                       progress=False)
+    views = metrics["views"]
+    assert metrics["unit"] == "cell" and set(views) == {"top", "side"} and metrics["cells_incomplete"] == 0
+    assert metrics["images"] == views["top"]["images"] == views["side"]["images"]
+    # Worst view wins: a cell is flagged whenever either view flags it.
+    for name in ("swollen", "deformed"):
+        assert metrics[name]["recall_all"] >= max(views[v][name]["recall_all"] for v in views) - 1e-9
+    assert metrics["false_reject_rate"] >= max(views[v]["false_reject_rate"] for v in views) - 1e-9
+    assert metrics["gauge_view"] in views and metrics["swelling_mae_mm"] == views[metrics["gauge_view"]]["swelling_mae_mm"]
+    for view in views:
+        assert cv2.imread(str(report / view / "roc.png")) is not None
+    with pytest.raises(ModelError, match="both judge 'top' frames"):
+        evaluate([tiny["model"], tiny["int8"]], tiny["data"], report, progress=False)
+
+
+def test_side_targets_leave_out_what_the_silhouette_cannot_show() -> None:
+    """A side frame labelled deformed whose defect mask is empty (a dent, say) teaches nothing."""
+    from pouchline.models.dataprep import Prepared
+    from pouchline.models.train import _targets
+
+    classes = ["ok", "swollen", "deformed"]
+    labels = np.array([[0, 0, 1], [0, 0, 1], [0, 1, 1], [1, 0, 0]], np.float32)
+    heat = np.zeros((4, 8, 32), np.float32)
+    heat[1, 3, 5] = 0.7  # the second cell's deformation shows in the silhouette
+    none = np.empty(4, object)
+    prepared = Prepared(np.zeros((4, 64, 256, 1), np.uint8), labels, np.zeros(4, np.float32), heat, none,
+                        np.zeros((4, 6), np.float32), none, [])
+    side = _targets(prepared, classes, ["swollen", "deformed"], "side")
+    np.testing.assert_array_equal(np.isnan(side[:, 1]), [True, False, True, False])
+    np.testing.assert_array_equal(side[:, 0], labels[:, 1])  # swelling always shows
+    np.testing.assert_array_equal(_targets(prepared, classes, ["swollen", "deformed"], "top"), labels[:, 1:])
