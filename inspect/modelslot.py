@@ -88,6 +88,9 @@ class ModelSlot:
         loading, self._loading = self._loading, None
         try:
             model = loading.result()
+            if model.meta.input.view != self.model.meta.input.view:  # each slot serves one camera view
+                raise ModelError(f"judges '{model.meta.input.view}' frames; this slot judges "
+                                 f"'{self.model.meta.input.view}' frames")
         except (ModelError, OSError, ValueError) as error:
             self.failures += 1
             self.last_error = f"{self.path}: {error}"

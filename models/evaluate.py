@@ -65,10 +65,10 @@ def merge_views(views: dict[str, list[Scored]], metas: dict[str, ModelMetadata])
     the cells judged by every view and the number of cells some view has no frame of.
     """
     gauge = gauge_view(metas)
-    cells: dict[str, dict[str, Scored]] = {}
+    cells: dict[tuple[str, str], dict[str, Scored]] = {}
     for view, scored in views.items():
-        for item in scored:
-            cells.setdefault(item.record.cell, {})[view] = item
+        for item in scored:  # a cell id is unique within its lot
+            cells.setdefault((item.record.lot, item.record.cell), {})[view] = item
     merged, incomplete = [], 0
     for per_view in cells.values():
         if len(per_view) < len(views):

@@ -507,6 +507,25 @@ def test_hot_swap_under_load_drops_no_frame_and_the_file_watch_swaps_too(tmp_pat
         assert worker["counters"].get("model_swaps", 0) >= 2, name  # a request during a load: the newest wins
 
 
+def test_a_model_slot_keeps_its_view() -> None:
+    """A file of another view (say the side model copied over the top model's file) never
+    replaces a slot's model: the old one stays live and the failure is reported."""
+    from pouchline.inspect.config import SHIPPED_SIDE_MODEL
+    from pouchline.inspect.modelslot import ModelSlot
+
+    slot = ModelSlot(SHIPPED_MODEL, threads=1, watch=False)
+    try:
+        slot.request(SHIPPED_SIDE_MODEL)
+        deadline = time.monotonic() + 30
+        while slot.failures == 0 and time.monotonic() < deadline:
+            assert not slot.poll()
+            time.sleep(0.05)
+        assert slot.failures == 1 and "judges 'side' frames; this slot judges 'top' frames" in (slot.last_error or "")
+        assert slot.model.meta.input.view == "top" and slot.swaps == 0
+    finally:
+        slot.close()
+
+
 def test_a_shadow_model_is_counted_never_obeyed(tmp_path: Path, collector) -> None:
     running, cells = collector
     shadow = tmp_path / "strict.onnx"  # the same graph with thresholds at 0: it flags every cell
