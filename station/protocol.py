@@ -575,7 +575,7 @@ _SALVAGED: dict[str, Callable[[object], bool]] = {
     **{name: is_identifier for name in ("station", "camera", "lot", "cell", "view")},
     "seq": _is_count,
     "views": lambda value: type(value) is int and 1 <= value <= 16,
-    "t_wall": lambda value: type(value) is float and value >= 0,
+    "t_wall": _is_time,
 }
 
 

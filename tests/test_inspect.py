@@ -354,6 +354,30 @@ class FakeStation:
         self.context.term()
 
 
+def test_a_refused_frame_with_an_infinite_clock_is_answered_at_the_time_it_arrives(collector) -> None:
+    """A refused header's own fields name the fail-safe reject; a capture time of infinity is
+    not one of them (no verdict can carry it), so the worker's clock stands in."""
+    running, cells = collector
+    fake = FakeStation()
+    worker, thread = worker_thread(inspect_config(fake.endpoint), running)
+    try:
+        fake.pump(0.5)
+        good = _jpeg()
+        body = msgpack.packb(_header(1, good, cell="c-infinite").model_dump() | {"v": 2, "t_wall": float("inf")})
+        fake.send([b"PLF1", body, good])
+        fake.send(encode_frame(_header(2, good, cell="c-good"), good))
+        fake.pump(2.0)
+        verdicts = cells.wait(2, timeout_s=10)
+        assert thread.is_alive()
+    finally:
+        stop_worker(worker, thread)
+        fake.close()
+    refused = verdicts["st9/L1/c-infinite"]
+    assert refused.reasons == ["refused:header_invalid"] and refused.decision == "reject"
+    assert abs(refused.t_capture - time.time()) < 60
+    assert sorted(seq for _, _, seq in fake.done) == [1, 2]
+
+
 def test_malformed_frames_are_counted_answered_and_never_crash_the_worker(collector) -> None:
     running, cells = collector
     fake = FakeStation()
