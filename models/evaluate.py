@@ -40,8 +40,8 @@ class Scored:
     prediction: Prediction
 
 
-def _score(model: Inferencer, reader: DatasetReader, split: str | None, view: str, progress: bool) -> list[Scored]:
-    records = [r for r in reader.records(split) if r.view == view]
+def _score(model: Inferencer, reader: DatasetReader, records: list[FrameRecord], view: str,
+           progress: bool) -> list[Scored]:
     scored: list[Scored] = []
     with Progress(TextColumn(f"[bold]eval {view}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not progress or not records) as bar:
@@ -339,19 +339,22 @@ def evaluate(models: Path | list[Path], data: Path | list[Path], report: Path, *
         if view in loaded:
             raise ModelError(f"{path} and {loaded[view].path} both judge '{view}' frames; give one model per view")
         loaded[view] = model
+    metas = {view: model.meta for view, model in loaded.items()}
+    if len(metas) > 1 and any(not meta.multilabel or meta.outputs != metas[gauge_view(metas)].outputs
+                              for meta in metas.values()):  # checked before minutes of scoring, not after
+        raise ModelError("models judge cells together only when all are multi-label with the same outputs: "
+                         + "; ".join(f"{m.path}: {m.meta.outputs}" for m in loaded.values()))
     readers = [DatasetReader(root) for root in roots]
-    scored: dict[str, list[Scored]] = {}
-    sources: dict[str, DatasetReader] = {}
-    for view, model in loaded.items():
-        scored[view] = []
-        for reader in readers:
-            found = _score(model, reader, split, view, progress)
-            if found and view not in sources:
-                sources[view] = reader
-            scored[view].extend(found)
-        if not scored[view]:
+    # Every view's frames are found before any is scored, so a missing view fails at once.
+    frames = {view: [(reader, [r for r in reader.records(split) if r.view == view]) for reader in readers]
+              for view in loaded}
+    for view, found in frames.items():
+        if not any(records for _, records in found):
             where = readers[0].root if len(readers) == 1 else ", ".join(str(r.root) for r in readers)
             raise DatasetError(Path(str(where)), f"has no '{view}' frames{f' in split {split}' if split else ''} to evaluate")
+    scored = {view: [item for reader, records in frames[view] for item in _score(model, reader, records, view, progress)]
+              for view, model in loaded.items()}
+    sources = {view: next(reader for reader, records in frames[view] if records) for view in loaded}
     report.mkdir(parents=True, exist_ok=True)
     header = {"model": ", ".join(map(str, paths)), "model_sha256": ", ".join(m.meta.sha256 for m in loaded.values()),
               "data": ", ".join(map(str, roots)), "split": split}
@@ -360,13 +363,10 @@ def evaluate(models: Path | list[Path], data: Path | list[Path], report: Path, *
         metrics = {**header, **compute_metrics(scored[view], model.meta)}
         _plots(scored[view], model, sources[view], report)
     else:
-        metas = {view: model.meta for view, model in loaded.items()}
-        if any(not meta.multilabel or meta.outputs != metas[gauge_view(metas)].outputs for meta in metas.values()):
-            raise ModelError("models judge cells together only when all are multi-label with the same outputs: "
-                             + "; ".join(f"{m.path}: {m.meta.outputs}" for m in loaded.values()))
+        gauge = gauge_view(metas)
         cells, incomplete = merge_views(scored, metas)
-        metrics = {**header, "unit": "cell", "gauge_view": gauge_view(metas), "cells_incomplete": incomplete,
-                   **compute_metrics(cells, metas[gauge_view(metas)]),
+        metrics = {**header, "unit": "cell", "gauge_view": gauge, "cells_incomplete": incomplete,
+                   **compute_metrics(cells, metas[gauge]),
                    "thresholds": {view: meta.thresholds for view, meta in metas.items()},
                    "anomaly_threshold": {view: meta.anomaly_threshold for view, meta in metas.items()},
                    "views": {}}

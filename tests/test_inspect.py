@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -354,24 +355,36 @@ class FakeStation:
         self.context.term()
 
 
+@contextmanager
+def worker_behind_fake_station(collector, **overrides: object) -> Iterator[tuple[FakeStation, InspectionWorker]]:
+    """A worker thread taking frames from a `FakeStation` that has seen its hello."""
+    running, _ = collector
+    fake = FakeStation()
+    worker, thread = worker_thread(inspect_config(fake.endpoint, **overrides), running)
+    try:
+        fake.pump(0.5)
+        yield fake, worker
+        assert thread.is_alive()  # whatever it was sent
+    finally:
+        stop_worker(worker, thread)
+        fake.close()
+
+
+def settled(fake: FakeStation, collector, count: int) -> dict[str, CellVerdict]:
+    """The cell verdicts once the fake station has read the worker's answers."""
+    fake.pump(2.0)
+    return collector[1].wait(count, timeout_s=10)
+
+
 def test_a_refused_frame_with_an_infinite_clock_is_answered_at_the_time_it_arrives(collector) -> None:
     """A refused header's own fields name the fail-safe reject; a capture time of infinity is
     not one of them (no verdict can carry it), so the worker's clock stands in."""
-    running, cells = collector
-    fake = FakeStation()
-    worker, thread = worker_thread(inspect_config(fake.endpoint), running)
-    try:
-        fake.pump(0.5)
+    with worker_behind_fake_station(collector) as (fake, _):
         good = _jpeg()
         body = msgpack.packb(_header(1, good, cell="c-infinite").model_dump() | {"v": 2, "t_wall": float("inf")})
         fake.send([b"PLF1", body, good])
         fake.send(encode_frame(_header(2, good, cell="c-good"), good))
-        fake.pump(2.0)
-        verdicts = cells.wait(2, timeout_s=10)
-        assert thread.is_alive()
-    finally:
-        stop_worker(worker, thread)
-        fake.close()
+        verdicts = settled(fake, collector, 2)
     refused = verdicts["st9/L1/c-infinite"]
     assert refused.reasons == ["refused:header_invalid"] and refused.decision == "reject"
     assert abs(refused.t_capture - time.time()) < 60
@@ -379,11 +392,7 @@ def test_a_refused_frame_with_an_infinite_clock_is_answered_at_the_time_it_arriv
 
 
 def test_malformed_frames_are_counted_answered_and_never_crash_the_worker(collector) -> None:
-    running, cells = collector
-    fake = FakeStation()
-    worker, thread = worker_thread(inspect_config(fake.endpoint, max_pixels=1_000_000), running)
-    try:
-        fake.pump(0.5)
+    with worker_behind_fake_station(collector, max_pixels=1_000_000) as (fake, worker):
         good = _jpeg()
         corrupt = good[:600] + bytes(len(good) - 602) + b"\xff\xd9"  # a JPEG header, zeros, an end marker
         body = msgpack.packb(_header(1, good, cell="c-wrong-version").model_dump() | {"v": 2})
@@ -400,12 +409,7 @@ def test_malformed_frames_are_counted_answered_and_never_crash_the_worker(collec
         fake.send([b"PLF1", b"\xc1\xc1garbage", good])  # not msgpack at all: counted, nothing to answer
         fake.send([b"XXXX", b"", b""])  # not our protocol
         fake.send(encode_frame(_header(6, good, cell="c-good"), good))  # and the worker still works
-        fake.pump(2.0)
-        verdicts = cells.wait(6, timeout_s=10)
-        assert thread.is_alive()
-    finally:
-        stop_worker(worker, thread)
-        fake.close()
+        verdicts = settled(fake, collector, 6)
     reasons = {cell_id.split("/")[-1]: verdict.reasons for cell_id, verdict in verdicts.items()}
     assert reasons == {
         "c-wrong-version": ["refused:header_invalid"],
