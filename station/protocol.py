@@ -112,6 +112,8 @@ Identifier = Annotated[str, AfterValidator(_identifier)]
 Session = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 #: File name of a station's arena: plain characters, no path.
 ArenaName = Annotated[str, Field(pattern=r"^pouchline-[A-Za-z0-9._-]{1,200}$")]
+#: Abstract Unix socket name of a station's local lane (see `pouchline.station.lane`).
+LaneName = Annotated[str, Field(pattern=r"^pouchline-lane-[A-Za-z0-9_-]{1,64}$")]
 #: msgpack has no tuple: a key arrives as a 3-element array.
 Key = Annotated[
     tuple[Identifier, Identifier, Annotated[int, Field(ge=0, le=_INT64_MAX)]],
@@ -428,6 +430,9 @@ class Heartbeat(BaseModel):
     capacity: int = Field(ge=0, le=1024, description="The sender's credit (0 from a station).")
     arena: ArenaName | None = Field(
         None, description="A station's shared-memory arena, for workers on its host to map (None from workers)."
+    )
+    lane: LaneName | None = Field(
+        None, description="A station's local lane, for workers that mapped its arena to connect to (None from workers)."
     )
 
 

@@ -28,7 +28,10 @@ Same host: a station keeps a shared-memory arena (`pouchline.station.arena`) and
 its heartbeats. A worker that can map it says so in its hello, and from then on gets each
 frame as header plus a 24-byte reference instead of the bytes, which skips two kernel copies
 and both ZeroMQ I/O threads per frame. Workers on other hosts, and frames the arena has no
-room for, get the bytes inline; nothing else changes (credit, redelivery, drop notices).
+room for, get the bytes inline; nothing else changes (credit, redelivery, drop notices). Such a
+worker also connects to the station's local lane (`pouchline.station.lane`), and its frames by
+reference then skip ZeroMQ altogether: a Unix socket packet written by the station's sending
+thread and read by the worker's, with no I/O thread in between.
 
 Liveness: both sides send heartbeats every ``heartbeat_s``; a peer silent for ``timeout_s``
 is gone. The frames a gone worker held go back to the front of the pending queue and are
@@ -40,10 +43,12 @@ served without restarting anything else.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
 import select
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -56,6 +61,17 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
 from pouchline.station.arena import ArenaReader, ArenaWriter, Region
+from pouchline.station.lane import (
+    MAX_IDENTITY,
+    MAX_PACKET,
+    accept_lane,
+    connect_lane,
+    lane_name,
+    listen_lane,
+    pack_parts,
+    receive_packet,
+    unpack_parts,
+)
 from pouchline.station.curve import CurveClientConfig, CurveServerConfig, secure_client, secure_server
 from pouchline.station.protocol import (
     MAX_DONE_KEYS,
@@ -100,6 +116,8 @@ _NOBLOCK = int(zmq.NOBLOCK)
 #: every `_FLUSH_S` only to send the end of a burst that no further frame came to take along.
 _SUBMITTERS_ACTIVE_S = 0.005
 _FLUSH_S = 0.002
+#: Local lanes a station keeps at most (connected and named, or waiting for a name).
+_MOST_LANES = 256
 
 
 class TransportSettings(BaseModel):
@@ -188,7 +206,14 @@ class FrameServer:
         self._router.bind(endpoint)
         self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._arena = self._open_arena()
-        self._local_workers = 0
+        self._lane_name = lane_name(self.session)
+        self._lane_server = self._open_lane()
+        self._lanes: dict[bytes, socket.socket] = {}  # worker identity -> its lane
+        self._lane_owners: dict[int, bytes] = {}  # lane descriptor -> worker identity
+        self._lane_poll = select.poll()  # the named lanes, for `done` packets
+        self._unnamed: list[socket.socket] = []  # lanes that have not said whose they are yet
+        self._gone: deque[bytes] = deque(maxlen=_MOST_LANES)  # workers whose lane broke: their late words are ignored
+        self._lanes_readable: list[int] = []  # lane descriptors the last wait saw readable
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -219,6 +244,15 @@ class FrameServer:
             log.warning("station %s: no shared-memory arena (%s); every frame goes over the socket", self.station, error)
             return None
 
+    def _open_lane(self) -> socket.socket | None:
+        if self._arena is None:
+            return None
+        try:
+            return listen_lane(self._lane_name)
+        except OSError as error:
+            log.info("station %s: no local lane (%s); frames by reference go over ZeroMQ", self.station, error)
+            return None
+
     # -- capture side (any thread) ---------------------------------------------------------
     def submit(self, header: FrameHeader, payload: bytes | memoryview | np.ndarray, *, policy: Policy = "every",
                timeout_s: float | None = None) -> bool:
@@ -234,10 +268,6 @@ class FrameServer:
             while not (slot.acquire(blocking=False) or slot.acquire(timeout=0.1)):
                 if self._closing.is_set() or (deadline is not None and time.monotonic() > deadline):
                     return False
-        # Into the arena only once the frame is accepted: a producer that gives up must not
-        # leave a region behind, and one that waits must not hold arena space meanwhile.
-        if self._arena is not None and self._local_workers and header.nbytes:
-            item.region = self._arena.put(item.parts[2])  # None when full: the frame goes inline
         with self._lock:
             now = time.monotonic()
             burst = now - self._last_submit < _COALESCE_S and now - self._last_send < _COALESCE_S
@@ -247,7 +277,11 @@ class FrameServer:
                 self._dispatch()
             elif self._io_wakes_at > now + _FLUSH_S:  # held back, and the I/O thread sleeps long: wake it
                 os.write(self._wake_w, b"\0")
-            self._receive()  # the socket's FD is edge-triggered: a send may have taken its wake-up
+            # The socket's FD is edge-triggered: this read may take the I/O thread's wake-up for a
+            # `done`, so credit that comes back here is used here (else frames could wait for credit
+            # that has returned until the I/O thread's next heartbeat).
+            if self._receive() and self._pending:
+                self._dispatch()
         return True
 
     def _slot(self, camera: str) -> threading.BoundedSemaphore:
@@ -284,6 +318,8 @@ class FrameServer:
             self._authenticator.stop()
         self._router.close(linger=0)
         self._context.term()
+        for sock in [*self._lanes.values(), *self._unnamed, *filter(None, [self._lane_server])]:
+            sock.close()
         if self._arena is not None:
             self._arena.close()
         os.close(self._wake_r)
@@ -309,6 +345,7 @@ class FrameServer:
                 if self._closing.is_set() and (now > self._grace_until or self._idle()):
                     break
                 self._receive()
+                self._serve_lanes()
                 if now >= next_beat:
                     self._expire(now)
                     self._beat()
@@ -318,13 +355,15 @@ class FrameServer:
                 wait = max(0.0, min(next_beat - now, 0.1))
                 watch = [self._wake_r]
                 if self._pending or now - self._last_submit > _SUBMITTERS_ACTIVE_S:
-                    watch.append(descriptor)
+                    watch += [descriptor, *self._lane_descriptors(named=True)]
                 else:
+                    watch += self._lane_descriptors(named=False)
                     wait = min(wait, _FLUSH_S)
                 if self._pending and self._pick(self._pending[0].notice) is not None:  # held back for a batch
                     wait = min(wait, _COALESCE_S)
                 self._io_wakes_at = now + wait
-            select.select(watch, [], [], wait)
+            readable = select.select(watch, [], [], wait)[0]
+            self._lanes_readable = [fd for fd in readable if fd not in (self._wake_r, descriptor)]
             self._drain_wake()
         with self._lock:
             self._report_undelivered()
@@ -367,22 +406,32 @@ class FrameServer:
                 log.warning("station %s: workers are behind; dropping the oldest frames of camera %s "
                             "(each becomes a fail-safe reject)", self.station, camera)
 
-    def _receive(self) -> None:
+    def _receive(self) -> bool:
+        """Handle every message waiting on the socket and the lanes; True if there were any."""
+        took = False
+        if self._lane_owners:
+            for descriptor, _ in self._lane_poll.poll(0):
+                took = True
+                self._drain_lane(self._lane_owners[descriptor])  # one event per lane: none closed yet
         while self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than raising zmq.Again at the end
             try:
                 identity, *parts = _recv_parts(self._router)
             except zmq.Again:
-                return
+                break
+            took = True
             try:
                 message = decode(parts)
             except ProtocolError as error:
                 self.rejected.record(error)
                 continue
             self._handle(identity.bytes, message)
+        return took
 
     def _handle(self, identity: bytes, message: object) -> None:
         now = time.monotonic()
-        if isinstance(message, Hello | Heartbeat):
+        if isinstance(message, Hello | Heartbeat) and identity in self._gone:
+            self._count("heard_from_gone")  # sent before its lane broke: it must not bring the worker back
+        elif isinstance(message, Hello | Heartbeat):
             name = message.worker if isinstance(message, Hello) else message.sender
             worker = self._workers.get(identity)
             if worker is None or worker.session != message.session:
@@ -413,14 +462,14 @@ class FrameServer:
     def _set_local(self, worker: _Worker, local: bool) -> None:
         if worker.local != local:
             worker.local = local
-            self._local_workers += 1 if local else -1
             log.info("station %s: worker %s %s the shared-memory arena", self.station, worker.name,
                      "maps" if local else "does not map")
 
     def _heartbeat(self) -> list[Any]:
         arena = None if self._arena is None else self._arena.name
+        lane = None if self._lane_server is None else self._lane_name
         return encode_control(Heartbeat(type="heartbeat", sender=self.station, session=self.session, busy=0,
-                                        capacity=0, arena=arena))
+                                        capacity=0, arena=arena, lane=lane))
 
     def _release(self, item: _Item) -> None:
         """The station is done with the frame's bytes in the arena."""
@@ -449,6 +498,7 @@ class FrameServer:
     def _forget(self, identity: bytes, why: str) -> None:
         worker = self._workers.pop(identity)
         self._set_local(worker, False)
+        self._close_lane(identity, f"closed with its worker ({why})")
         if worker.held:
             log.warning("station %s: worker %s %s holding %d frames; delivering them again",
                         self.station, worker.name, why, len(worker.held))
@@ -491,12 +541,14 @@ class FrameServer:
     def _dispatch(self) -> None:
         """Deal waiting frames to the least loaded workers with credit, up to `_BATCH` per
         message: one message per frame would cost both sides a send, a receive and two
-        ZeroMQ I/O-thread hand-offs per frame, which at saturation is most of their CPU."""
+        ZeroMQ I/O-thread hand-offs per frame, which at saturation is most of their CPU.
+        Frames by reference to a worker with a lane go as one lane packet instead."""
         while self._pending:
             worker = self._pick(self._pending[0].notice)
             if worker is None:
                 return
-            room, inline, big, batch, parts = worker.free, 0, False, [], []
+            lane = self._lanes.get(worker.identity) if worker.local else None
+            room, inline, big, batch, parts, lane_parts = worker.free, 0, False, [], [], []
             while self._pending and len(batch) < _BATCH and (room > 0 or self._pending[0].notice) and inline < _BATCH_BYTES:
                 item = self._pending.popleft()
                 room -= not item.notice
@@ -504,17 +556,140 @@ class FrameServer:
                     self._slot(item.header.camera).release()  # the producer may go on
                 item.deliveries += 1
                 worker.held[item.header.key] = item
-                if worker.local and item.region is not None and self._arena is not None:
-                    parts += item.by_reference(self._arena.tag)
+                if worker.local and self._by_reference(item):
+                    (parts if lane is None else lane_parts).extend(item.by_reference(self._arena.tag))
                 else:
                     parts += item.parts
                     inline += item.header.nbytes
                     big = big or item.header.nbytes >= _ZERO_COPY_BYTES
                 batch.append(item)
             self._last_send = time.monotonic()
-            if self._send(worker.identity, parts, copy=not big):
+            if lane_parts and not self._send_lane(worker.identity, lane_parts):
+                parts = lane_parts + parts  # the lane could not take them: ZeroMQ does
+            if not parts or self._send(worker.identity, parts, copy=not big):
                 for item in batch:
                     self._count("notices_sent" if item.notice else "sent", item.header.camera)
+
+    def _by_reference(self, item: _Item) -> bool:
+        """Whether the frame can go by reference, copying it into the arena on its first
+        delivery to a worker on this host. The copy waits until then (not at submit), so the
+        arena holds only frames in workers' hands: few enough to stay in the CPU's caches
+        while the ring turns, and raw frames that pile up in the queue never fill it."""
+        if item.region is None and self._arena is not None and not item.notice:
+            item.region = self._arena.put(item.parts[2])  # None when full: the frame goes inline
+        return item.region is not None
+
+    # -- local lanes (see `pouchline.station.lane`) ------------------------------------------
+    def _send_lane(self, identity: bytes, parts: list[Any]) -> bool:
+        """One lane packet to the worker; False (and the lane closed if it broke) when the
+        frames must go over ZeroMQ instead."""
+        packet = pack_parts(parts)
+        if len(packet) > MAX_PACKET:
+            return False
+        try:
+            self._lanes[identity].send(packet)
+        except (BlockingIOError, InterruptedError):  # the worker is slow to read: ZeroMQ queues it instead
+            return False
+        except OSError as error:
+            if error.errno in (errno.EMSGSIZE, errno.ENOBUFS):  # larger than this host's socket buffers
+                return False
+            self._lose_lane(identity, f"broke ({error})")
+            return False
+        self._count("sent_by_lane", n=len(parts) // 3)
+        return True
+
+    def _lane_descriptors(self, named: bool) -> list[int]:
+        """What the I/O thread waits on: the listener, lanes not yet named and, with ``named``,
+        the named lanes (whose `done` packets capture threads read while they submit)."""
+        sockets = [*self._unnamed, *filter(None, [self._lane_server])]
+        return [sock.fileno() for sock in sockets] + (list(self._lane_owners) if named else [])
+
+    def _serve_lanes(self) -> None:
+        """Accept lanes and learn whose each is from its first packet; only descriptors that
+        the I/O thread's last wait found readable."""
+        readable, self._lanes_readable = set(self._lanes_readable), []
+        if not readable:
+            return
+        if self._lane_server is not None and self._lane_server.fileno() in readable:
+            while True:
+                try:
+                    conn = accept_lane(self._lane_server)
+                except PermissionError as error:
+                    self._count("lanes_refused")
+                    log.warning("station %s: refused a lane: %s", self.station, error)
+                    continue
+                if conn is None:
+                    break
+                self._unnamed.append(conn)
+                if len(self._unnamed) > _MOST_LANES:
+                    self._unnamed.pop(0).close()
+        for conn in [conn for conn in self._unnamed if conn.fileno() in readable]:
+            self._unnamed.remove(conn)
+            self._name_lane(conn)
+
+    def _name_lane(self, conn: socket.socket) -> None:
+        try:
+            identity = receive_packet(conn)
+        except OSError:
+            identity = b""
+        if identity is None:
+            self._unnamed.append(conn)  # woken for nothing: wait for its first packet
+        elif not 0 < len(identity) <= MAX_IDENTITY or len(self._lanes) >= _MOST_LANES:
+            conn.close()
+            self._count("lanes_refused")
+        else:
+            if identity in self._lanes:
+                self._close_lane(identity, "was replaced")
+            self._lanes[identity] = conn
+            self._lane_owners[conn.fileno()] = identity
+            self._lane_poll.register(conn, select.POLLIN)
+            self._count("lanes_joined")
+
+    def _drain_lane(self, identity: bytes) -> None:
+        """The worker's `done` packets; anything else is refused and counted like a malformed
+        message, and an empty read means the worker hung up."""
+        conn = self._lanes[identity]
+        while True:
+            try:
+                packet = receive_packet(conn)
+            except OSError as error:
+                self._lose_lane(identity, f"broke ({error})")
+                return
+            if packet is None:
+                return
+            if not packet:
+                self._lose_lane(identity, "was closed by the worker")
+                return
+            try:
+                message = decode(unpack_parts(packet))
+            except ProtocolError as error:
+                self.rejected.record(error)
+                continue
+            if isinstance(message, Done):
+                self._count("done_by_lane", n=len(message.keys))
+                self._handle(identity, message)
+            else:
+                self.rejected.record(ProtocolError("unexpected", f"worker {identity!r} sent a {type(message).__name__} "
+                                                                 "message on its lane"))
+
+    def _lose_lane(self, identity: bytes, why: str) -> None:
+        """A lane broke: its worker died, or frames in it may have been lost unseen. Either way
+        the worker is gone (what it held is delivered again; a frame it did take becomes a
+        duplicate, which downstream counts), and words it sent before are ignored. A live worker
+        whose lane broke joins again under a new session, as after a restart."""
+        self._close_lane(identity, why)
+        self._gone.append(identity)
+        if identity in self._workers:
+            self._forget(identity, "lost_lane")
+
+    def _close_lane(self, identity: bytes, why: str) -> None:
+        conn = self._lanes.pop(identity, None)
+        if conn is not None:
+            del self._lane_owners[conn.fileno()]
+            self._lane_poll.unregister(conn)
+            conn.close()
+            self._count("lanes_closed")
+            log.info("station %s: lane of worker %r %s; its frames go over ZeroMQ", self.station, identity, why)
 
     def _report_undelivered(self) -> None:
         left = len(self._pending) + sum(len(w.held) for w in self._workers.values())
@@ -535,6 +710,23 @@ class _Link:
     next_beat: float = 0.0
     arena: ArenaReader | None = None  # the station's shared memory, when it is on this host
     arena_tried: str | None = None  # the arena name last tried (not retried every heartbeat)
+    lane: socket.socket | None = None  # the station's local lane, once the arena is mapped
+
+    @property
+    def identity(self) -> bytes:
+        """This connection's ZeroMQ routing identity, which also names its lane."""
+        return self.socket.getsockopt(zmq.ROUTING_ID)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.drop_lane()
+        if self.arena is not None:
+            self.arena.close()
+
+    def drop_lane(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
 
 
 class FrameClient:
@@ -593,6 +785,7 @@ class FrameClient:
         if link.arena is not None and link.arena.name != beat.arena:
             link.arena.close()
             link.arena = None
+            link.drop_lane()
         if not self.shared_memory or beat.arena is None or beat.arena == link.arena_tried:
             return False
         link.arena_tried = beat.arena
@@ -603,19 +796,68 @@ class FrameClient:
                      beat.arena, error)
             return False
         self.stats["arena_attached"] += 1
+        if beat.lane is not None:
+            self._join_lane(link, beat.lane)
         return True
+
+    def _join_lane(self, link: _Link, name: str) -> None:
+        """Connect to the station's local lane (before saying hello with the arena, so the
+        station knows the lane by the time it sends frames by reference)."""
+        try:
+            link.lane = connect_lane(name, link.identity)
+        except OSError as error:
+            log.info("worker %s: station lane %s not joined (%s); frames come over ZeroMQ", self.name, name, error)
+            return
+        self.stats["lane_joined"] += 1
+        self._poller = self._make_poller()
 
     def _make_poller(self) -> zmq.Poller:
         poller = zmq.Poller()
         for link in self._links:
             poller.register(link.socket, zmq.POLLIN)
+            if link.lane is not None:
+                poller.register(link.lane, zmq.POLLIN)
         return poller
 
     def _say(self, link: _Link, message: Hello | Heartbeat | Done) -> None:
+        parts = encode_control(message)
+        if link.lane is not None and isinstance(message, Done):
+            if self._send_lane(link, parts):
+                return
+            if link not in self._links:
+                return  # the lane broke and the link started over: this credit is moot
         try:
-            _send_parts(link.socket, encode_control(message))
+            _send_parts(link.socket, parts)
         except zmq.Again:
             self.stats["control_not_sent"] += 1  # the station is unreachable; the next beat retries
+
+    def _send_lane(self, link: _Link, parts: list[bytes]) -> bool:
+        """A `done` as a lane packet; False when it must go over ZeroMQ (a lane that broke is dropped)."""
+        assert link.lane is not None
+        try:
+            link.lane.send(pack_parts(parts))
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._lose_lane(link)
+            return False
+        return True
+
+    def _lose_lane(self, link: _Link) -> None:
+        """The lane closed: the station exited, or the lane broke and frames in it may be lost.
+        In the second case the station, which cannot tell it from this worker's death, delivers
+        again what this link held; in both the link starts over as a new session, so the
+        station (the same or a new one) sees a restarted worker and not a ghost."""
+        log.warning("worker %s: lane to the station at %s closed (the station exited, or the lane broke); "
+                    "joining again under a new session", self.name, link.endpoint)
+        self.stats["lane_closed"] += 1
+        self._start_over(link)
+
+    def _start_over(self, link: _Link) -> None:
+        """Close the link and connect again under a new session."""
+        link.close()
+        self._links[self._links.index(link)] = self._connect(link.endpoint)
+        self._poller = self._make_poller()
 
     def receive(self, timeout_s: float) -> Frame | None:
         """The next valid frame (or drop notice) from any station, or None after ``timeout_s``."""
@@ -649,7 +891,13 @@ class FrameClient:
         return any(self._read(link) for link in self._links)
 
     def _read(self, link: _Link) -> bool:
-        """Take messages from the link until one brings frames (into `_ready`); True if one did."""
+        """Take what waits on the link's lane, then messages from its socket until one brings
+        frames (into `_ready`); True if any did."""
+        if link.lane is not None:
+            if not self._read_lane(link):  # the lane broke and the link started over
+                return bool(self._ready)
+            if self._ready:
+                return True
         while link.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 parts = _recv_parts(link.socket)
@@ -660,6 +908,32 @@ class FrameClient:
             if self._ready:
                 return True
         return False
+
+    def _read_lane(self, link: _Link) -> bool:
+        """Every packet waiting on the link's lane: frames by reference, refused and counted
+        like any malformed message if they are anything else; False if the lane broke."""
+        assert link.lane is not None
+        while True:
+            try:
+                packet = receive_packet(link.lane)
+            except OSError:
+                packet = b""
+            if packet is None:
+                return True
+            if not packet:
+                self._lose_lane(link)
+                return False
+            try:
+                messages = split_batch(unpack_parts(packet))
+            except ProtocolError as error:
+                self.rejected.record(error)
+                continue
+            for parts in messages:
+                if parts[0] == REFERENCE_MAGIC:
+                    self._take(link, parts)
+                else:
+                    self.rejected.record(ProtocolError("unexpected", "a lane packet held a message that is not a "
+                                                                     "frame by reference"))
 
     def _take(self, link: _Link, parts: Sequence[object]) -> None:
         """Decode one message (or one frame of a batch) and act on it."""
@@ -710,11 +984,8 @@ class FrameClient:
                 log.warning("worker %s: station at %s silent for %.1f s; reconnecting", self.name, link.endpoint,
                             now - link.last_seen)
                 self.stats["reconnects"] += 1
-                link.socket.close(linger=0)
-                if link.arena is not None:
-                    link.arena.close()
-                self._links[index] = link = self._connect(link.endpoint)
-                self._poller = self._make_poller()
+                self._start_over(link)
+                link = self._links[index]
             if now >= link.next_beat:
                 busy = sum(1 for origin in self._origin.values() if origin is link)
                 self._say(link, Heartbeat(type="heartbeat", sender=self.name, session=link.session, busy=busy,
@@ -743,8 +1014,6 @@ class FrameClient:
 
     def close(self) -> None:
         for link in self._links:
-            link.socket.close(linger=0)
-            if link.arena is not None:
-                link.arena.close()
+            link.close()
         self._context.term()
 

@@ -273,7 +273,8 @@ def test_after_a_station_restart_the_worker_maps_the_new_arena_and_frames_come_b
                 restarted.submit(header(seq), JPEG)
             frames = _collect(client, 3)
             assert [f.header.seq for f in frames] == [1, 2, 3] and all(bytes(f.payload) == JPEG for f in frames)
-            assert client.stats["arena_attached"] == 2 and client.stats["station_restarts"] == 1
+            assert client.stats["arena_attached"] == 2 and client.stats["lane_joined"] == 2
+            assert client.stats["lane_closed"] == 1  # the old station's lane closed as it exited: the worker joined anew
             assert not client.rejected.counts
         finally:
             restarted.close()

@@ -477,7 +477,10 @@ def test_a_worker_killed_mid_lot_loses_no_cell() -> None:
         deadline = time.monotonic() + 30
         while len(cells.decided) < 60 and time.monotonic() < deadline:
             time.sleep(0.01)
-        os.kill(service.processes["inspect-0"].pid, signal.SIGKILL)  # at saturation: it holds frames
+        while time.monotonic() < deadline and not any(  # killed while it holds frames (it keeps each a few ms)
+                worker["name"] == "inspect-0" and worker["held"] for worker in station.server.stats()["workers"]):
+            time.sleep(0.0005)
+        os.kill(service.processes["inspect-0"].pid, signal.SIGKILL)
         verdicts = cells.wait(count, timeout_s=60)
         restarted = service.restarts["inspect-0"]
     finally:
