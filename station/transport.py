@@ -163,6 +163,7 @@ class _Item:
     policy: Policy
     deliveries: int = 0
     region: Region | None = None  # the bytes' copy in the arena, for workers on this host
+    slot: threading.BoundedSemaphore | None = None  # its camera's pending bound (``every``), released when it is dealt
 
     @property
     def notice(self) -> bool:
@@ -263,7 +264,7 @@ class FrameServer:
             raise RuntimeError(f"frame server of station {self.station!r} is closed")
         item = _Item(header, encode_frame(header, payload), policy)
         if policy == "every":
-            slot = self._slot(header.camera)
+            item.slot = slot = self._slot(header.camera)
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             while not (slot.acquire(blocking=False) or slot.acquire(timeout=0.1)):
                 if self._closing.is_set() or (deadline is not None and time.monotonic() > deadline):
@@ -275,13 +276,13 @@ class FrameServer:
             self._accept(item)
             if not burst or len(self._pending) >= _BATCH:
                 self._dispatch()
+                # The socket's FD is edge-triggered: a send may have taken the I/O thread's
+                # wake-up for a `done`, so this thread reads the socket, and credit that comes
+                # back is used here (else frames could wait for it until the next heartbeat).
+                if self._receive() and self._pending:
+                    self._dispatch()
             elif self._io_wakes_at > now + _FLUSH_S:  # held back, and the I/O thread sleeps long: wake it
                 os.write(self._wake_w, b"\0")
-            # The socket's FD is edge-triggered: this read may take the I/O thread's wake-up for a
-            # `done`, so credit that comes back here is used here (else frames could wait for credit
-            # that has returned until the I/O thread's next heartbeat).
-            if self._receive() and self._pending:
-                self._dispatch()
         return True
 
     def _slot(self, camera: str) -> threading.BoundedSemaphore:
@@ -552,8 +553,8 @@ class FrameServer:
             while self._pending and len(batch) < _BATCH and (room > 0 or self._pending[0].notice) and inline < _BATCH_BYTES:
                 item = self._pending.popleft()
                 room -= not item.notice
-                if item.deliveries == 0 and item.policy == "every":
-                    self._slot(item.header.camera).release()  # the producer may go on
+                if item.deliveries == 0 and item.slot is not None:
+                    item.slot.release()  # the producer may go on
                 item.deliveries += 1
                 worker.held[item.header.key] = item
                 if worker.local and self._by_reference(item):
@@ -565,6 +566,8 @@ class FrameServer:
                 batch.append(item)
             self._last_send = time.monotonic()
             if lane_parts and not self._send_lane(worker.identity, lane_parts):
+                if worker.identity not in self._workers:
+                    continue  # the lane broke and took the worker with it: these frames wait in the queue again
                 parts = lane_parts + parts  # the lane could not take them: ZeroMQ does
             if not parts or self._send(worker.identity, parts, copy=not big):
                 for item in batch:
@@ -634,12 +637,10 @@ class FrameServer:
             identity = b""
         if identity is None:
             self._unnamed.append(conn)  # woken for nothing: wait for its first packet
-        elif not 0 < len(identity) <= MAX_IDENTITY or len(self._lanes) >= _MOST_LANES:
-            conn.close()
+        elif not 0 < len(identity) <= MAX_IDENTITY or identity in self._lanes or len(self._lanes) >= _MOST_LANES:
+            conn.close()  # a worker joins one lane per session: a second one under its name is not its own
             self._count("lanes_refused")
         else:
-            if identity in self._lanes:
-                self._close_lane(identity, "was replaced")
             self._lanes[identity] = conn
             self._lane_owners[conn.fileno()] = identity
             self._lane_poll.register(conn, select.POLLIN)

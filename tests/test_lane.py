@@ -118,6 +118,24 @@ def test_a_lane_asked_for_by_another_user_is_refused(monkeypatch: pytest.MonkeyP
         server.close()
 
 
+def test_a_second_lane_under_a_workers_name_is_refused() -> None:
+    """A worker joins one lane per session; a local process claiming its name cannot take its frames."""
+    server, client = _local_pair()
+    try:
+        impostor = lane_module.connect_lane(server._lane_name, client._links[0].identity)
+        impostor.settimeout(5)
+        assert impostor.recv(100) == b""  # closed by the station
+        server.submit(header(0), JPEG)
+        (frame,) = _collect(client, 1)
+        assert frame.header.seq == 0
+        stats = server.stats()
+        assert stats["lanes_refused"] == 1 and stats["sent_by_lane"] == 1 and stats["lanes_joined"] == 1
+        impostor.close()
+    finally:
+        client.close()
+        server.close()
+
+
 def test_packets_that_lie_on_a_lane_are_counted_and_the_lane_goes_on() -> None:
     """A local process that names itself after a worker and sends garbage on the lane cannot
     stop the station; a worker's lane that delivers garbage cannot stop the worker."""
