@@ -911,8 +911,9 @@ class FrameClient:
         return False
 
     def _read_lane(self, link: _Link) -> bool:
-        """Every packet waiting on the link's lane: frames by reference, refused and counted
-        like any malformed message if they are anything else; False if the lane broke."""
+        """Packets waiting on the link's lane until one brings frames (into `_ready`): frames
+        by reference, refused and counted like any malformed message if they are anything
+        else; False if the lane broke."""
         assert link.lane is not None
         while True:
             try:
@@ -935,6 +936,8 @@ class FrameClient:
                 else:
                     self.rejected.record(ProtocolError("unexpected", "a lane packet held a message that is not a "
                                                                      "frame by reference"))
+            if self._ready:
+                return True
 
     def _take(self, link: _Link, parts: Sequence[object]) -> None:
         """Decode one message (or one frame of a batch) and act on it."""
