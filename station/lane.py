@@ -10,15 +10,17 @@ Unix socket written by one thread and read by the other.
 So a station with an arena also listens on a Unix ``SOCK_SEQPACKET`` socket in Linux's
 abstract namespace and names it in its heartbeats (``lane``). A worker that mapped the arena
 connects to it and sends its ZeroMQ routing identity as the first packet; from then on the
-station sends that worker's frames by reference as lane packets, each packet the parts of one
-ZeroMQ message (a frame or a batch) framed by `pack_parts`. Everything else -- control
-messages, inline frames, drop notices, the worker's ``done`` -- stays on ZeroMQ, and the
-receiver validates lane frames exactly as ZeroMQ ones.
+station sends that worker's frames by reference as lane packets, and the worker its ``done``;
+each packet holds the parts of one ZeroMQ message (a frame, a batch, a ``done``) framed by
+`pack_parts`. Everything else -- hello, heartbeats, inline frames, drop notices -- stays on
+ZeroMQ, and each end validates lane messages exactly as ZeroMQ ones.
 
 Abstract sockets have no file permissions, so both ends check the peer's user id
 (``SO_PEERCRED``): only processes of the station's own user, which could map the arena
-anyway, may use a lane. A lane that fails in any way is closed and the frames go over ZeroMQ:
-like the arena, it is a fast path, never a requirement.
+anyway, may use a lane. Like the arena it is a fast path, never a requirement: a lane that
+cannot be opened, or has no room for a packet, leaves the frames on ZeroMQ; one that breaks
+under a live worker makes the station treat that worker as gone (see
+`pouchline.station.transport`).
 """
 
 from __future__ import annotations

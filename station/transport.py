@@ -584,8 +584,8 @@ class FrameServer:
 
     # -- local lanes (see `pouchline.station.lane`) ------------------------------------------
     def _send_lane(self, identity: bytes, parts: list[Any]) -> bool:
-        """One lane packet to the worker; False (and the lane closed if it broke) when the
-        frames must go over ZeroMQ instead."""
+        """One lane packet to the worker; False when the frames must go another way: over
+        ZeroMQ, or back to the queue if the lane broke (its worker is then gone, `_lose_lane`)."""
         packet = pack_parts(parts)
         if len(packet) > MAX_PACKET:
             return False
