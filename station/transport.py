@@ -43,12 +43,10 @@ served without restarting anything else.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import secrets
 import select
-import socket
 import threading
 import time
 from collections import Counter, deque
@@ -61,18 +59,17 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field
 
 from pouchline.station.arena import ArenaReader, ArenaWriter, Region
+from pouchline.station.curve import CurveClientConfig, CurveServerConfig, secure_client, secure_server
 from pouchline.station.lane import (
-    MAX_IDENTITY,
     MAX_PACKET,
-    accept_lane,
+    Lane,
+    LaneHub,
     connect_lane,
     lane_name,
-    listen_lane,
     pack_parts,
     receive_packet,
     unpack_parts,
 )
-from pouchline.station.curve import CurveClientConfig, CurveServerConfig, secure_client, secure_server
 from pouchline.station.protocol import (
     MAX_DONE_KEYS,
     Done,
@@ -116,8 +113,6 @@ _NOBLOCK = int(zmq.NOBLOCK)
 #: every `_FLUSH_S` only to send the end of a burst that no further frame came to take along.
 _SUBMITTERS_ACTIVE_S = 0.005
 _FLUSH_S = 0.002
-#: Local lanes a station keeps at most (connected and named, or waiting for a name).
-_MOST_LANES = 256
 
 
 class TransportSettings(BaseModel):
@@ -207,14 +202,9 @@ class FrameServer:
         self._router.bind(endpoint)
         self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._arena = self._open_arena()
-        self._lane_name = lane_name(self.session)
-        self._lane_server = self._open_lane()
-        self._lanes: dict[bytes, socket.socket] = {}  # worker identity -> its lane
-        self._lane_owners: dict[int, bytes] = {}  # lane descriptor -> worker identity
-        self._lane_poll = select.poll()  # the named lanes, for `done` packets
-        self._unnamed: list[socket.socket] = []  # lanes that have not said whose they are yet
-        self._gone: deque[bytes] = deque(maxlen=_MOST_LANES)  # workers whose lane broke: their late words are ignored
-        self._lanes_readable: list[int] = []  # lane descriptors the last wait saw readable
+        self._lanes = self._open_lanes()
+        self._gone: deque[bytes] = deque(maxlen=LaneHub.MOST)  # workers whose lane broke: their late words are ignored
+        self._lanes_readable: set[int] = set()  # lane descriptors the I/O thread's last wait saw readable
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -245,11 +235,11 @@ class FrameServer:
             log.warning("station %s: no shared-memory arena (%s); every frame goes over the socket", self.station, error)
             return None
 
-    def _open_lane(self) -> socket.socket | None:
+    def _open_lanes(self) -> LaneHub | None:
         if self._arena is None:
             return None
         try:
-            return listen_lane(self._lane_name)
+            return LaneHub(lane_name(self.session))
         except OSError as error:
             log.info("station %s: no local lane (%s); frames by reference go over ZeroMQ", self.station, error)
             return None
@@ -319,8 +309,8 @@ class FrameServer:
             self._authenticator.stop()
         self._router.close(linger=0)
         self._context.term()
-        for sock in [*self._lanes.values(), *self._unnamed, *filter(None, [self._lane_server])]:
-            sock.close()
+        if self._lanes is not None:
+            self._lanes.close_all()
         if self._arena is not None:
             self._arena.close()
         os.close(self._wake_r)
@@ -355,16 +345,17 @@ class FrameServer:
                 self._receive()
                 wait = max(0.0, min(next_beat - now, 0.1))
                 watch = [self._wake_r]
-                if self._pending or now - self._last_submit > _SUBMITTERS_ACTIVE_S:
-                    watch += [descriptor, *self._lane_descriptors(named=True)]
-                else:
-                    watch += self._lane_descriptors(named=False)
+                # Named lanes bring `done` packets, which capture threads read while they submit.
+                watching = bool(self._pending) or now - self._last_submit > _SUBMITTERS_ACTIVE_S
+                watch += [descriptor] if watching else []
+                watch += [] if self._lanes is None else self._lanes.descriptors(named=watching)
+                if not watching:
                     wait = min(wait, _FLUSH_S)
                 if self._pending and self._pick(self._pending[0].notice) is not None:  # held back for a batch
                     wait = min(wait, _COALESCE_S)
                 self._io_wakes_at = now + wait
             readable = select.select(watch, [], [], wait)[0]
-            self._lanes_readable = [fd for fd in readable if fd not in (self._wake_r, descriptor)]
+            self._lanes_readable = set(readable) - {self._wake_r, descriptor}
             self._drain_wake()
         with self._lock:
             self._report_undelivered()
@@ -410,10 +401,9 @@ class FrameServer:
     def _receive(self) -> bool:
         """Handle every message waiting on the socket and the lanes; True if there were any."""
         took = False
-        if self._lane_owners:
-            for descriptor, _ in self._lane_poll.poll(0):
-                took = True
-                self._drain_lane(self._lane_owners[descriptor])  # one event per lane: none closed yet
+        for identity in [] if self._lanes is None else self._lanes.ready():
+            took = True
+            self._drain_lane(identity)
         while self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than raising zmq.Again at the end
             try:
                 identity, *parts = _recv_parts(self._router)
@@ -468,7 +458,7 @@ class FrameServer:
 
     def _heartbeat(self) -> list[Any]:
         arena = None if self._arena is None else self._arena.name
-        lane = None if self._lane_server is None else self._lane_name
+        lane = None if self._lanes is None else self._lanes.name
         return encode_control(Heartbeat(type="heartbeat", sender=self.station, session=self.session, busy=0,
                                         capacity=0, arena=arena, lane=lane))
 
@@ -548,7 +538,7 @@ class FrameServer:
             worker = self._pick(self._pending[0].notice)
             if worker is None:
                 return
-            lane = self._lanes.get(worker.identity) if worker.local else None
+            lane = worker.local and self._lanes is not None and self._lanes.has(worker.identity)
             room, inline, big, batch, parts, lane_parts = worker.free, 0, False, [], [], []
             while self._pending and len(batch) < _BATCH and (room > 0 or self._pending[0].notice) and inline < _BATCH_BYTES:
                 item = self._pending.popleft()
@@ -558,7 +548,7 @@ class FrameServer:
                 item.deliveries += 1
                 worker.held[item.header.key] = item
                 if worker.local and self._by_reference(item):
-                    (parts if lane is None else lane_parts).extend(item.by_reference(self._arena.tag))
+                    (lane_parts if lane else parts).extend(item.by_reference(self._arena.tag))
                 else:
                     parts += item.parts
                     inline += item.header.nbytes
@@ -586,81 +576,29 @@ class FrameServer:
     def _send_lane(self, identity: bytes, parts: list[Any]) -> bool:
         """One lane packet to the worker; False when the frames must go another way: over
         ZeroMQ, or back to the queue if the lane broke (its worker is then gone, `_lose_lane`)."""
+        assert self._lanes is not None
         packet = pack_parts(parts)
-        if len(packet) > MAX_PACKET:
-            return False
-        try:
-            self._lanes[identity].send(packet)
-        except (BlockingIOError, InterruptedError):  # the worker is slow to read: ZeroMQ queues it instead
-            return False
-        except OSError as error:
-            if error.errno in (errno.EMSGSIZE, errno.ENOBUFS):  # larger than this host's socket buffers
-                return False
-            self._lose_lane(identity, f"broke ({error})")
-            return False
-        self._count("sent_by_lane", n=len(parts) // 3)
-        return True
-
-    def _lane_descriptors(self, named: bool) -> list[int]:
-        """What the I/O thread waits on: the listener, lanes not yet named and, with ``named``,
-        the named lanes (whose `done` packets capture threads read while they submit)."""
-        sockets = [*self._unnamed, *filter(None, [self._lane_server])]
-        return [sock.fileno() for sock in sockets] + (list(self._lane_owners) if named else [])
+        why = "full" if len(packet) > MAX_PACKET else self._lanes.send(identity, packet)
+        if why is None:
+            self._count("sent_by_lane", n=len(parts) // 3)
+            return True
+        if why != "full":
+            self._lose_lane(identity, why)
+        return False
 
     def _serve_lanes(self) -> None:
-        """Accept lanes and learn whose each is from its first packet; only descriptors that
-        the I/O thread's last wait found readable."""
-        readable, self._lanes_readable = set(self._lanes_readable), []
-        if not readable:
-            return
-        if self._lane_server is not None and self._lane_server.fileno() in readable:
-            while True:
-                try:
-                    conn = accept_lane(self._lane_server)
-                except PermissionError as error:
-                    self._count("lanes_refused")
-                    log.warning("station %s: refused a lane: %s", self.station, error)
-                    continue
-                if conn is None:
-                    break
-                self._unnamed.append(conn)
-                if len(self._unnamed) > _MOST_LANES:
-                    self._unnamed.pop(0).close()
-        for conn in [conn for conn in self._unnamed if conn.fileno() in readable]:
-            self._unnamed.remove(conn)
-            self._name_lane(conn)
-
-    def _name_lane(self, conn: socket.socket) -> None:
-        try:
-            identity = receive_packet(conn)
-        except OSError:
-            identity = b""
-        if identity is None:
-            self._unnamed.append(conn)  # woken for nothing: wait for its first packet
-        elif not 0 < len(identity) <= MAX_IDENTITY or identity in self._lanes or len(self._lanes) >= _MOST_LANES:
-            conn.close()  # a worker joins one lane per session: a second one under its name is not its own
-            self._count("lanes_refused")
-        else:
-            self._lanes[identity] = conn
-            self._lane_owners[conn.fileno()] = identity
-            self._lane_poll.register(conn, select.POLLIN)
-            self._count("lanes_joined")
+        """Accept lanes and learn whose each is, for descriptors the I/O thread's last wait found readable."""
+        readable, self._lanes_readable = self._lanes_readable, set()
+        if readable and self._lanes is not None:
+            for event, count in self._lanes.serve(readable).items():
+                self._count(event, n=count)
 
     def _drain_lane(self, identity: bytes) -> None:
         """The worker's `done` packets; anything else is refused and counted like a malformed
-        message, and an empty read means the worker hung up."""
-        conn = self._lanes[identity]
-        while True:
-            try:
-                packet = receive_packet(conn)
-            except OSError as error:
-                self._lose_lane(identity, f"broke ({error})")
-                return
-            if packet is None:
-                return
-            if not packet:
-                self._lose_lane(identity, "was closed by the worker")
-                return
+        message. A lane that ended (the worker hung up, or it broke) is lost."""
+        assert self._lanes is not None
+        packets, ended = self._lanes.receive(identity)
+        for packet in packets:
             try:
                 message = decode(unpack_parts(packet))
             except ProtocolError as error:
@@ -672,6 +610,8 @@ class FrameServer:
             else:
                 self.rejected.record(ProtocolError("unexpected", f"worker {identity!r} sent a {type(message).__name__} "
                                                                  "message on its lane"))
+        if ended is not None:
+            self._lose_lane(identity, ended)
 
     def _lose_lane(self, identity: bytes, why: str) -> None:
         """A lane broke: its worker died, or frames in it may have been lost unseen. Either way
@@ -684,11 +624,7 @@ class FrameServer:
             self._forget(identity, "lost_lane")
 
     def _close_lane(self, identity: bytes, why: str) -> None:
-        conn = self._lanes.pop(identity, None)
-        if conn is not None:
-            del self._lane_owners[conn.fileno()]
-            self._lane_poll.unregister(conn)
-            conn.close()
+        if self._lanes is not None and self._lanes.close(identity):
             self._count("lanes_closed")
             log.info("station %s: lane of worker %r %s; its frames go over ZeroMQ", self.station, identity, why)
 
@@ -711,7 +647,7 @@ class _Link:
     next_beat: float = 0.0
     arena: ArenaReader | None = None  # the station's shared memory, when it is on this host
     arena_tried: str | None = None  # the arena name last tried (not retried every heartbeat)
-    lane: socket.socket | None = None  # the station's local lane, once the arena is mapped
+    lane: Lane | None = None  # the station's local lane, once the arena is mapped
 
     @property
     def identity(self) -> bytes:

@@ -122,7 +122,7 @@ def test_a_second_lane_under_a_workers_name_is_refused() -> None:
     """A worker joins one lane per session; a local process claiming its name cannot take its frames."""
     server, client = _local_pair()
     try:
-        impostor = lane_module.connect_lane(server._lane_name, client._links[0].identity)
+        impostor = lane_module.connect_lane(server._lanes.name, client._links[0].identity)
         impostor.settimeout(5)
         assert impostor.recv(100) == b""  # closed by the station
         server.submit(header(0), JPEG)
@@ -141,7 +141,7 @@ def test_packets_that_lie_on_a_lane_are_counted_and_the_lane_goes_on() -> None:
     stop the station; a worker's lane that delivers garbage cannot stop the worker."""
     server, client = _local_pair()
     try:
-        rogue = lane_module.connect_lane(server._lane_name, b"rogue.0001")
+        rogue = lane_module.connect_lane(server._lanes.name, b"rogue.0001")
         for packet in (b"\x01", pack_parts([b"PLC1", b"\xc1"]), pack_parts([b"PLF1", b"x", b"y"])):
             rogue.send(packet)
         assert wait_for(lambda: sum(server.stats()["malformed"].values()) >= 3)
