@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,6 +42,17 @@ def load_warm(path: Path, threads: int) -> Inferencer:
     spec = model.meta.input
     model.forward(np.zeros((2, spec.height, spec.width, spec.channels), np.uint8))
     return model
+
+
+def one_model_per_view(models: Iterable[tuple[str, Path]]) -> dict[str, Path]:
+    """Each model file by the view it judges, in the order given; two models for one view are
+    an error naming both (the service checks its configuration with it, and so does each worker)."""
+    views: dict[str, Path] = {}
+    for view, path in models:
+        if view in views:
+            raise ModelError(f"{path} and {views[view]} both judge '{view}' frames; give one model per view")
+        views[view] = path
+    return views
 
 
 def model_ref(model: Inferencer) -> ModelRef:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pouchline.inspect.collector import Collector, Sink
 from pouchline.inspect.config import InspectConfig
+from pouchline.inspect.modelslot import one_model_per_view
 from pouchline.inspect.sinks import ControllerLink, JsonlSink
 from pouchline.inspect.worker import ControlMessage, run_worker
 from pouchline.models.metadata import ModelError, load_metadata
@@ -56,13 +57,7 @@ def connectable(endpoint: str) -> str:
 
 def model_views(config: InspectConfig) -> dict[str, Path]:
     """The view each configured model judges; two models for one view are an error naming both."""
-    views: dict[str, Path] = {}
-    for path in (config.model, *config.more_models):
-        view = load_metadata(path).input.view
-        if view in views:
-            raise ModelError(f"{path} and {views[view]} both judge '{view}' frames; give one model per view")
-        views[view] = path
-    return views
+    return one_model_per_view((load_metadata(path).input.view, path) for path in (config.model, *config.more_models))
 
 
 class InspectService:

@@ -31,7 +31,7 @@ from pouchline.inspect.aggregate import audit_sampled
 from pouchline.inspect.config import InspectConfig
 from pouchline.inspect.imagedecode import DecodeError, Decoded, decode_for_model
 from pouchline.inspect.metrics import BATCH_BOUNDS, LATENCY_BOUNDS_MS, Accumulator
-from pouchline.inspect.modelslot import ModelSlot, model_ref
+from pouchline.inspect.modelslot import ModelSlot, model_ref, one_model_per_view
 from pouchline.inspect.overlay import overlay_layer
 from pouchline.inspect.verdicts import MAX_OUTLINE_POINTS, FrameVerdict, ShadowResult, WorkerStats, attachment, encode
 from pouchline.models.inference import Inferencer, Prediction
@@ -103,9 +103,8 @@ class InspectionWorker:
         self.config = config
         self.name = name
         slots = [ModelSlot(path, threads=config.threads, watch=config.watch_model) for path in (config.model, *config.more_models)]
+        one_model_per_view((slot.model.meta.input.view, slot.path) for slot in slots)
         self.slots = {slot.model.meta.input.view: slot for slot in slots}  # the first is the primary model
-        if len(self.slots) < len(slots):
-            raise ModelError(f"two models judge the same view: {', '.join(str(slot.path) for slot in slots)}")
         self.shadow = Inferencer(config.shadow, threads=config.threads) if config.shadow else None
         self.client = FrameClient(config.stations, name=name, capacity=config.capacity, settings=config.transport,
                                   curve=config.curve, zero_copy=True)

@@ -141,6 +141,18 @@ def unpack_parts(packet: bytes) -> list[memoryview]:
     return parts
 
 
+def send_packet(sock: Lane, packet: bytes) -> str | None:
+    """Send one packet (non-blocking): None when sent, else why not: ``"full"`` (no room now,
+    or larger than this host allows: send it another way) or the error that broke the lane."""
+    try:
+        sock.send(packet)
+    except (BlockingIOError, InterruptedError):
+        return "full"
+    except OSError as error:
+        return "full" if error.errno in (errno.EMSGSIZE, errno.ENOBUFS) else f"broke ({error})"
+    return None
+
+
 def receive_packet(sock: Lane) -> bytes | None:
     """The next packet (non-blocking); None when none waits. An empty result means the peer
     closed the lane; OSError when it broke. A packet larger than `MAX_PACKET` is cut short,
@@ -219,16 +231,8 @@ class LaneHub:
         return events
 
     def send(self, identity: bytes, packet: bytes) -> str | None:
-        """Send one packet on the worker's lane: None when sent, else why not: ``"full"`` (no
-        room now, or larger than this host allows: send it another way) or the error that
-        broke the lane (it stays open for `close`)."""
-        try:
-            self._named[identity].send(packet)
-        except (BlockingIOError, InterruptedError):
-            return "full"
-        except OSError as error:
-            return "full" if error.errno in (errno.EMSGSIZE, errno.ENOBUFS) else f"broke ({error})"
-        return None
+        """`send_packet` on the worker's lane (a lane that broke stays open for `close`)."""
+        return send_packet(self._named[identity], packet)
 
     def ready(self) -> list[bytes]:
         """The workers whose lanes have something to read (or hung up), without waiting."""

@@ -68,6 +68,7 @@ from pouchline.station.lane import (
     lane_name,
     pack_parts,
     receive_packet,
+    send_packet,
     unpack_parts,
 )
 from pouchline.station.protocol import (
@@ -626,7 +627,7 @@ class FrameServer:
     def _close_lane(self, identity: bytes, why: str) -> None:
         if self._lanes is not None and self._lanes.close(identity):
             self._count("lanes_closed")
-            log.info("station %s: lane of worker %r %s; its frames go over ZeroMQ", self.station, identity, why)
+            log.info("station %s: lane of worker %r %s", self.station, identity, why)
 
     def _report_undelivered(self) -> None:
         left = len(self._pending) + sum(len(w.held) for w in self._workers.values())
@@ -769,16 +770,13 @@ class FrameClient:
             self.stats["control_not_sent"] += 1  # the station is unreachable; the next beat retries
 
     def _send_lane(self, link: _Link, parts: list[bytes]) -> bool:
-        """A `done` as a lane packet; False when it must go over ZeroMQ (a lane that broke is dropped)."""
+        """A `done` as a lane packet; False when it must go another way: over ZeroMQ, or
+        nowhere if the lane broke (the link then starts over, `_lose_lane`)."""
         assert link.lane is not None
-        try:
-            link.lane.send(pack_parts(parts))
-        except BlockingIOError:
-            return False
-        except OSError:
+        why = send_packet(link.lane, pack_parts(parts))
+        if why is not None and why != "full":
             self._lose_lane(link)
-            return False
-        return True
+        return why is None
 
     def _lose_lane(self, link: _Link) -> None:
         """The lane closed: the station exited, or the lane broke and frames in it may be lost.
