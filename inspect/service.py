@@ -56,8 +56,22 @@ def connectable(endpoint: str) -> str:
 
 
 def model_views(config: InspectConfig) -> dict[str, Path]:
-    """The view each configured model judges; two models for one view are an error naming both."""
-    return one_model_per_view((load_metadata(path).input.view, path) for path in (config.model, *config.more_models))
+    """The view each configured model judges; two models for one view are an error naming both.
+
+    A model whose thresholds were set together with other views' models (`pouchline model
+    calibrate`) leaves part of the cell's false-reject budget, and of its catching, to them:
+    run alone it misses more. That is said once at start, not refused: replaying one view's
+    recording (`pouchline evaluate`) runs one model on purpose."""
+    metas = {path: load_metadata(path) for path in (config.model, *config.more_models)}
+    views = one_model_per_view((meta.input.view, path) for path, meta in metas.items())
+    loaded = {path.name for path in metas}
+    for path, meta in metas.items():
+        missing = sorted(set(meta.calibration.get("models", {}).values()) - loaded)
+        if missing:
+            log.warning("%s: its thresholds were set together with %s, which this service does not run; alone it "
+                        "catches fewer defects than calibrated (add them to more_models, or calibrate it alone)",
+                        path, ", ".join(missing))
+    return views
 
 
 class InspectService:

@@ -106,6 +106,30 @@ def eval_(
     console.print_json(json.dumps(metrics))
 
 
+@app.command("calibrate")
+def calibrate_(
+    model: Annotated[list[Path], typer.Argument(help="MODEL.onnx, one per view (say top and side); each one's "
+                                                      "metadata JSON gets the new thresholds.")],
+    good: Annotated[list[Path], typer.Option(help="Dataset of good cells, every view (repeat for views stored apart); "
+                                                  "only cells labelled ok count.")],
+    defects: Annotated[list[Path], typer.Option(help="Labelled dataset with defective cells, every view (repeat).")],
+    defects_split: Annotated[str | None, typer.Option(help="Split of the defects datasets to use.")] = "val",
+    target_frr: Annotated[float, typer.Option(min=0.0001, max=0.5,
+                                              help="Share of good cells the line may reject, all flags together.")] = 0.005,
+    plot: Annotated[Path | None, typer.Option(help="Also draw each flag's good and defective scores and its "
+                                                   "threshold to this PNG.")] = None,
+) -> None:
+    """Set all views' thresholds together so the whole line's false-reject rate meets the target.
+
+    The budget goes, step by step, to the flag that catches the most more defective cells
+    per good cell it rejects."""
+    from pouchline.models.calibrate import calibrate
+
+    with _clear_errors():
+        result = calibrate(model, good, defects, defects_split=defects_split, target_frr=target_frr, plot=plot)
+    console.print_json(json.dumps(result))
+
+
 @app.command()
 def reproduce(
     out: Annotated[Path, typer.Option(help="Where the shipped model files and card go.")] = Path("models"),

@@ -55,6 +55,15 @@ def _score(model: Inferencer, reader: DatasetReader, records: list[FrameRecord],
     return scored
 
 
+def group_cells(views: dict[str, list[Scored]]) -> dict[tuple[str, str], dict[str, Scored]]:
+    """Each cell's frames, by view (a cell id is unique within its lot)."""
+    cells: dict[tuple[str, str], dict[str, Scored]] = {}
+    for view, scored in views.items():
+        for item in scored:
+            cells.setdefault((item.record.lot, item.record.cell), {})[view] = item
+    return cells
+
+
 def merge_views(views: dict[str, list[Scored]], metas: dict[str, ModelMetadata]) -> tuple[list[Scored], int]:
     """Per-view predictions joined into one per cell, as the line decides a cell: worst view wins.
 
@@ -65,12 +74,8 @@ def merge_views(views: dict[str, list[Scored]], metas: dict[str, ModelMetadata])
     the cells judged by every view and the number of cells some view has no frame of.
     """
     gauge = gauge_view(metas)
-    cells: dict[tuple[str, str], dict[str, Scored]] = {}
-    for view, scored in views.items():
-        for item in scored:  # a cell id is unique within its lot
-            cells.setdefault((item.record.lot, item.record.cell), {})[view] = item
     merged, incomplete = [], 0
-    for per_view in cells.values():
+    for per_view in group_cells(views).values():
         if len(per_view) < len(views):
             incomplete += 1
             continue
@@ -319,6 +324,40 @@ def _view_of(model: Inferencer) -> str:
     return "crop" if model.meta.input.aligned_crops else model.meta.input.view
 
 
+def load_views(paths: list[Path], threads: int = 2) -> dict[str, Inferencer]:
+    """One model per view. Several must be multi-label with the same outputs: a cell's
+    verdict joins their flags (`merge_views`). Checked before minutes of scoring, not after."""
+    loaded: dict[str, Inferencer] = {}
+    for path in paths:
+        model = Inferencer(path, threads=threads)
+        view = _view_of(model)
+        if view in loaded:
+            raise ModelError(f"{path} and {loaded[view].path} both judge '{view}' frames; give one model per view")
+        loaded[view] = model
+    metas = {view: model.meta for view, model in loaded.items()}
+    if len(metas) > 1 and any(not meta.multilabel or meta.outputs != metas[gauge_view(metas)].outputs
+                              for meta in metas.values()):
+        raise ModelError("models judge cells together only when all are multi-label with the same outputs: "
+                         + "; ".join(f"{m.path}: {m.meta.outputs}" for m in loaded.values()))
+    return loaded
+
+
+def score_views(loaded: dict[str, Inferencer], readers: list[DatasetReader], split: str | None,
+                progress: bool) -> tuple[dict[str, list[Scored]], dict[str, list[tuple[DatasetReader, list[FrameRecord]]]]]:
+    """Every view's frames (of ``split``) in the datasets, scored by that view's model; and
+    the frames found per dataset. All views' frames are found before any is scored, so a
+    missing view fails at once."""
+    frames = {view: [(reader, [r for r in reader.records(split) if r.view == view]) for reader in readers]
+              for view in loaded}
+    for view, found in frames.items():
+        if not any(records for _, records in found):
+            where = readers[0].root if len(readers) == 1 else ", ".join(str(r.root) for r in readers)
+            raise DatasetError(Path(str(where)), f"has no '{view}' frames{f' in split {split}' if split else ''} to score")
+    scored = {view: [item for reader, records in frames[view] for item in _score(model, reader, records, view, progress)]
+              for view, model in loaded.items()}
+    return scored, frames
+
+
 def evaluate(models: Path | list[Path], data: Path | list[Path], report: Path, *, split: str | None = None,
              threads: int = 2, progress: bool = True) -> dict[str, Any]:
     """Evaluate one model, or one model per view judging cells together, on labelled datasets.
@@ -332,28 +371,10 @@ def evaluate(models: Path | list[Path], data: Path | list[Path], report: Path, *
     roots = [data] if isinstance(data, Path) else list(data)
     if not paths or not roots:
         raise ValueError("evaluation needs at least one model and one dataset")
-    loaded: dict[str, Inferencer] = {}
-    for path in paths:
-        model = Inferencer(path, threads=threads)
-        view = _view_of(model)
-        if view in loaded:
-            raise ModelError(f"{path} and {loaded[view].path} both judge '{view}' frames; give one model per view")
-        loaded[view] = model
+    loaded = load_views(paths, threads)
     metas = {view: model.meta for view, model in loaded.items()}
-    if len(metas) > 1 and any(not meta.multilabel or meta.outputs != metas[gauge_view(metas)].outputs
-                              for meta in metas.values()):  # checked before minutes of scoring, not after
-        raise ModelError("models judge cells together only when all are multi-label with the same outputs: "
-                         + "; ".join(f"{m.path}: {m.meta.outputs}" for m in loaded.values()))
     readers = [DatasetReader(root) for root in roots]
-    # Every view's frames are found before any is scored, so a missing view fails at once.
-    frames = {view: [(reader, [r for r in reader.records(split) if r.view == view]) for reader in readers]
-              for view in loaded}
-    for view, found in frames.items():
-        if not any(records for _, records in found):
-            where = readers[0].root if len(readers) == 1 else ", ".join(str(r.root) for r in readers)
-            raise DatasetError(Path(str(where)), f"has no '{view}' frames{f' in split {split}' if split else ''} to evaluate")
-    scored = {view: [item for reader, records in frames[view] for item in _score(model, reader, records, view, progress)]
-              for view, model in loaded.items()}
+    scored, frames = score_views(loaded, readers, split, progress)
     sources = {view: next(reader for reader, records in frames[view] if records) for view in loaded}
     report.mkdir(parents=True, exist_ok=True)
     header = {"model": ", ".join(map(str, paths)), "model_sha256": ", ".join(m.meta.sha256 for m in loaded.values()),

@@ -58,6 +58,11 @@ class ModelMetadata(BaseModel):
     )
     anomaly_threshold: float = Field(description="Anomaly score above which a cell is flagged as unusual.")
     target_frr: float = Field(description="False-reject rate on good validation cells the thresholds were set at.")
+    calibration: dict[str, Any] = Field(
+        default_factory=dict,
+        description="How the thresholds were set when not by training alone: the cell-level record of "
+                    "`pouchline model calibrate` (rule, models, data, cells, good cells each flag may reject).",
+    )
     heatmap_stride: int = Field(gt=0, description="Crop pixels per heat-map cell.")
     has_swelling: bool = Field(description="The swelling_mm output was trained (else meaningless).")
     swelling_calibration: dict[str, float] = Field(

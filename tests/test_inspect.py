@@ -243,6 +243,16 @@ def test_two_models_for_one_view_are_refused(tmp_path: Path) -> None:
         InspectService(config)
 
 
+def test_a_model_calibrated_with_another_view_is_flagged_when_run_alone(caplog: pytest.LogCaptureFixture) -> None:
+    from pouchline.inspect.service import model_views
+
+    with caplog.at_level("WARNING", logger="pouchline.inspect.service"):
+        model_views(inspect_config("tcp://127.0.0.1:5999"))  # the shipped pair, as calibrated
+        assert not caplog.records
+        assert set(model_views(inspect_config("tcp://127.0.0.1:5999", more_models=[]))) == {"top"}
+    assert "set together with pouchline-side.int8.onnx" in caplog.text
+
+
 def _frame_verdict(camera: str, view: str, decision: str, reasons: list[str], seq: int, *, views: int = 2,
                    status: str = "ok") -> FrameVerdict:
     return FrameVerdict(station="st", camera=camera, lot="L1", cell="c1", view=view, views=views, seq=seq,

@@ -30,6 +30,7 @@ from pouchline.models.sidelocate import SIDE_CROP_SIZE, locate_side
 
 torch = pytest.importorskip("torch", reason="training tests need the [train] extra (torch==2.13.0)")
 
+from pouchline.models.calibrate import calibrate  # noqa: E402
 from pouchline.models.evaluate import evaluate  # noqa: E402
 from pouchline.models.export import AccuracyGateError, export  # noqa: E402
 from pouchline.models.inference import Inferencer  # noqa: E402
@@ -389,6 +390,52 @@ def test_eval_judges_cells_with_a_model_per_view(tiny: dict[str, Path], tiny_sid
         assert cv2.imread(str(report / view / "roc.png")) is not None
     with pytest.raises(ModelError, match="both judge 'top' frames"):
         evaluate([tiny["model"], tiny["int8"]], tiny["data"], report, progress=False)
+
+
+def _copied(tmp_path: Path, *models: Path) -> list[Path]:
+    """Model files with their metadata in tmp_path (calibration rewrites the metadata)."""
+    out = []
+    for model in models:
+        for path in (model, metadata_path(model)):
+            shutil.copy(path, tmp_path / path.name)
+        out.append(tmp_path / model.name)
+    return out
+
+
+def test_calibrate_sets_both_views_thresholds_within_the_cells_budget(tiny: dict[str, Path], tiny_side: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    models = _copied(tmp_path, tiny["model"], tiny_side["model"])
+    views = [tiny["data"], tiny_side["data"]]
+    result = calibrate(models, views, views, defects_split="val", target_frr=0.1, plot=tmp_path / "allocation.png",
+                       progress=False)
+    assert cv2.imread(str(tmp_path / "allocation.png")) is not None
+    assert result["good_rejected"] <= 0.1 and sum(result["rejects"].values()) > 0
+    for model, view in zip(models, ("top", "side")):
+        meta = json.loads(metadata_path(model).read_text())
+        assert meta["target_frr"] == 0.1 and meta["calibration"]["rejects"] == result["rejects"]
+        assert meta["thresholds"] == {name: result["thresholds"][f"{view}.{name}"] for name in ("swollen", "deformed")}
+        assert meta["anomaly_threshold"] == result["thresholds"][f"{view}.anomaly"]
+        Inferencer(model)  # the metadata still describes its file
+    # Judged again by the evaluation code, the good cells are rejected within the budget.
+    metrics = evaluate(models, views, tmp_path / "report", progress=False)
+    assert metrics["false_reject_rate"] <= 0.1
+
+
+def test_calibrate_refuses_too_few_good_cells_and_no_defective_ones(tiny: dict[str, Path], tiny_side: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    models = _copied(tmp_path, tiny["model"], tiny_side["model"])
+    views = [tiny["data"], tiny_side["data"]]
+    before = metadata_path(models[0]).read_text()
+    with pytest.raises(DatasetError, match=r"good cells .* a false-reject rate of 0.005 needs about \d+"):
+        calibrate(models, views, views, target_frr=0.005, progress=False)
+    good_only = [tmp_path / "good", tmp_path / "good-side"]
+    for root, view in zip(good_only, ("top", "side")):
+        synthesize(root, SynthConfig(count=12, seed=8, defect_rate=0.0, views=(view,)), workers=1, progress=False)
+    with pytest.raises(DatasetError, match="has no defective cells that every view located"):
+        calibrate(models, views, good_only, defects_split=None, target_frr=0.1, progress=False)
+    assert metadata_path(models[0]).read_text() == before  # a refused calibration changes nothing
+    with pytest.raises(ModelError, match="both judge 'top' frames"):
+        calibrate([models[0], tiny["int8"]], views, views, progress=False)
 
 
 def test_side_targets_leave_out_what_the_silhouette_cannot_show() -> None:
