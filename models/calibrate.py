@@ -36,6 +36,7 @@ from pouchline.datasets.manifest import DatasetError, DatasetReader
 from pouchline.models.dataprep import manifest_hash
 from pouchline.models.evaluate import Scored, group_cells, load_views, score_views
 from pouchline.models.metadata import metadata_path
+from pouchline.models.metrics import limits_of_sorted, thresholds_at
 
 #: Fewest good cells the budget must allow to be rejected: below that a threshold rests on single cells.
 MIN_REJECTS = 10
@@ -53,7 +54,7 @@ def allocate(good: np.ndarray, defective: np.ndarray, budget: int) -> np.ndarray
     rejects = np.zeros(good.shape[1], dtype=int)
     ordered = -np.sort(-good, axis=0)
     while True:
-        limits = _limits(ordered, rejects)
+        limits = limits_of_sorted(ordered, rejects)
         good_hit, defective_hit = good > limits, defective > limits
         used, caught = int(good_hit.any(axis=1).sum()), int(defective_hit.any(axis=1).sum())
         best: tuple[float, int, int] | None = None
@@ -76,17 +77,6 @@ def allocate(good: np.ndarray, defective: np.ndarray, budget: int) -> np.ndarray
         if best is None:
             return rejects
         rejects[best[1]] += best[2]
-
-
-def thresholds_at(good: np.ndarray, rejects: np.ndarray) -> np.ndarray:
-    """Per flag, the threshold (flag when score > threshold) that rejects ``rejects`` good cells
-    (fewer where scores tie at the threshold); with 0, the highest good score."""
-    return _limits(-np.sort(-good, axis=0), rejects)
-
-
-def _limits(ordered: np.ndarray, rejects: np.ndarray) -> np.ndarray:
-    """`thresholds_at` on good scores already sorted high to low, column by column."""
-    return ordered[np.minimum(rejects, ordered.shape[0] - 1), np.arange(ordered.shape[1])]
 
 
 def _score_value(item: Scored, flag: str) -> float:

@@ -49,11 +49,22 @@ def pr_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.n
 
 def threshold_at_frr(good_scores: np.ndarray, frr: float) -> float:
     """Smallest threshold that flags at most ``frr`` of the good cells (score > threshold)."""
-    good = np.sort(np.asarray(good_scores, np.float64))
+    good = np.asarray(good_scores, np.float64)
     if good.size == 0:
         raise ValueError("no good cells to calibrate a threshold on")
-    allowed = int(np.floor(frr * good.size))
-    return float(good[good.size - 1 - allowed]) if allowed < good.size else float(good[0])
+    return float(thresholds_at(good.reshape(-1, 1), np.array([int(np.floor(frr * good.size))]))[0])
+
+
+def thresholds_at(good: np.ndarray, rejects: np.ndarray) -> np.ndarray:
+    """Per column of good cells' scores (cells x flags), the threshold (flag when score >
+    threshold) that rejects ``rejects`` of them (fewer where scores tie at the threshold);
+    with 0, the highest good score."""
+    return limits_of_sorted(-np.sort(-good, axis=0), rejects)
+
+
+def limits_of_sorted(ordered: np.ndarray, rejects: np.ndarray) -> np.ndarray:
+    """`thresholds_at` on good scores already sorted high to low, column by column."""
+    return ordered[np.minimum(rejects, ordered.shape[0] - 1), np.arange(ordered.shape[1])]
 
 
 def recall(scores: np.ndarray, threshold: float) -> float:

@@ -161,7 +161,7 @@ def model_card(results: dict[str, Any], *, epochs: int, seed: int, scale: float)
         f"{row['anomaly_recall']:.3f} |" for kind, row in results["int8_cells_test"].get("per_kind", {}).items())
     losses = {name: {k: round(v, 4) for k, v in results[key].get("auroc_loss", {}).items()}
               for name, key in ((MODEL_NAME, "export"), (SIDE_MODEL_NAME, "side_export"))}
-    sets = "\n".join(f"| {name} | {s['count'] * scale:.0f} cells | seed {s['seed']} | {s['domain']} | "
+    sets = "\n".join(f"| {name} | {_count(name, scale)} cells | seed {s['seed']} | {s['domain']} | "
                      f"{', '.join(s['kinds'])} |" for name, s in SETS.items())
     return f"""# Model card: {MODEL_NAME} and {SIDE_MODEL_NAME}
 

@@ -9,7 +9,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pouchline.models.calibrate import allocate, thresholds_at
+from pouchline.models.calibrate import allocate
+from pouchline.models.metrics import thresholds_at
 
 
 def _rejected(scores: np.ndarray, rejects: np.ndarray, good: np.ndarray) -> np.ndarray:
