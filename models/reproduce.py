@@ -3,8 +3,10 @@
 The line has two cameras per cell, and a model for each: the top view's detector (shaded
 surface) and the side view's (the backlit silhouette). The steps:
 
-1. Render the training data, top and side frames of the same cells (default domain, one
-   deformation kind held out entirely).
+1. Render the training data (default domain, one deformation kind held out entirely): top
+   frames of 50,000 cells and side frames of the first 20,000 of them. The top model sees
+   subtle surface marks and overfits 16,000 training cells (deformed AUROC 0.998 on them
+   against 0.977 on validation); the side model's silhouettes need no more.
 2. Render a test set (new seeds, every kind), a held-out-domain set and a set of good cells
    to calibrate the thresholds on, both views.
 3. Train each view's model, then export FP32 and INT8; INT8 is calibrated on training frames.
@@ -36,6 +38,9 @@ from pouchline.datasets.synth import SynthConfig, default_workers, synthesize
 HELD_OUT_KIND = "bent_corner"
 MODEL_NAME = "pouchline-detector"
 SIDE_MODEL_NAME = "pouchline-side"
+#: Epochs of the top model: 12 over its 40,000 training cells fit the 45-minute budget
+#: (measured 2.6-4.1 min per epoch on the 2-core machine).
+TOP_EPOCHS = 12
 #: The side model learns from a cleaner signal and converges in fewer epochs.
 SIDE_EPOCHS = 12
 #: The side model's share of the false-reject budget when it sets its thresholds alone, in
@@ -44,8 +49,10 @@ SIDE_TARGET_FRR = 0.0015
 #: The line's false-reject budget on good cells, all flags of both views together.
 CELL_TARGET_FRR = 0.005
 TRAIN_KINDS = tuple(k for k in DEFORMATION_KINDS if k != HELD_OUT_KIND)
+#: Cells per set; ``views`` overrides the count for one view (a view's cells are the first
+#: ones of the seed, so the views of a cell still match by cell id).
 SETS: dict[str, dict[str, Any]] = {
-    "train": {"count": 20000, "seed": 200, "domain": "default", "kinds": TRAIN_KINDS},
+    "train": {"count": 20000, "seed": 200, "domain": "default", "kinds": TRAIN_KINDS, "views": {"top": 50000}},
     "test": {"count": 4000, "seed": 300, "domain": "default", "kinds": DEFORMATION_KINDS},
     "heldout": {"count": 4000, "seed": 400, "domain": "heldout", "kinds": DEFORMATION_KINDS},
     # Good cells only (with the in-spec marks good cells carry): where the thresholds are set.
@@ -54,15 +61,22 @@ SETS: dict[str, dict[str, Any]] = {
 DEFECT_RATE = 0.5
 
 
-def _count(name: str, scale: float) -> int:
-    return max(int(SETS[name]["count"] * scale), 50)
+def _count(name: str, scale: float, view: ViewName = "top") -> int:
+    settings = SETS[name]
+    return max(int(settings.get("views", {}).get(view, settings["count"]) * scale), 50)
+
+
+def _cells(name: str, scale: float) -> str:
+    """A set's size for the model card: one count, or the top and side counts where they differ."""
+    top, side = _count(name, scale, "top"), _count(name, scale, "side")
+    return f"{top} cells" if top == side else f"{top} cells (top), {side} (side)"
 
 
 def _synth(work: Path, name: str, scale: float, view: ViewName) -> Path:
     """One set's frames of one view (the views of a cell share its seed, so they match by cell id)."""
     settings = SETS[name]
     out = work / "data" / (name if view == "top" else f"{name}-{view}")
-    config = SynthConfig(count=_count(name, scale), seed=settings["seed"],
+    config = SynthConfig(count=_count(name, scale, view), seed=settings["seed"],
                          defect_rate=settings.get("defect_rate", DEFECT_RATE),
                          domain=load_domain(settings["domain"]), kinds=settings["kinds"], views=(view,))
     synthesize(out, config, workers=default_workers(), resume=out.exists())
@@ -81,7 +95,7 @@ def _train(data: Path, run: Path, config: Any) -> float:
     return sum(json.loads(line)["seconds"] for line in log_lines if line.strip()) / 60
 
 
-def reproduce(out_dir: Path, work: Path, *, epochs: int = 30, seed: int = 0, scale: float = 1.0) -> dict[str, Any]:
+def reproduce(out_dir: Path, work: Path, *, epochs: int = TOP_EPOCHS, seed: int = 0, scale: float = 1.0) -> dict[str, Any]:
     """Run every step; ``scale`` shrinks the datasets (for a quick check of the pipeline)."""
     from pouchline.models.bench import save_weights
     from pouchline.models.calibrate import MIN_REJECTS, calibrate
@@ -99,8 +113,11 @@ def reproduce(out_dir: Path, work: Path, *, epochs: int = 30, seed: int = 0, sca
             epochs=min(epochs, SIDE_EPOCHS), seed=seed, view="side", target_frr=SIDE_TARGET_FRR)),
     }
     model, side_model = out_dir / f"{MODEL_NAME}.onnx", out_dir / f"{SIDE_MODEL_NAME}.onnx"
-    results["export"] = export(work / "run", model, int8=True, calib=top["train"])
-    results["side_export"] = export(work / "side-run", side_model, int8=True, calib=side["train"])
+    # A shrunk validation split cannot judge INT8 to 0.005 AUROC (a few cells move it that
+    # much): a quick check keeps the INT8 files, and the card reports the gate's verdict.
+    force = scale < 1.0
+    results["export"] = export(work / "run", model, int8=True, calib=top["train"], force=force)
+    results["side_export"] = export(work / "side-run", side_model, int8=True, calib=side["train"], force=force)
     save_weights(work / "run", out_dir / f"{MODEL_NAME}.pt")
     files = {"fp32": (model, side_model), "int8": (Path(results["export"]["int8"]), Path(results["side_export"]["int8"]))}
     # A shrunk calibration set cannot resolve 0.5 %: a quick check calibrates at what it can.
@@ -161,7 +178,12 @@ def model_card(results: dict[str, Any], *, epochs: int, seed: int, scale: float)
         f"{row['anomaly_recall']:.3f} |" for kind, row in results["int8_cells_test"].get("per_kind", {}).items())
     losses = {name: {k: round(v, 4) for k, v in results[key].get("auroc_loss", {}).items()}
               for name, key in ((MODEL_NAME, "export"), (SIDE_MODEL_NAME, "side_export"))}
-    sets = "\n".join(f"| {name} | {_count(name, scale)} cells | seed {s['seed']} | {s['domain']} | "
+    passed = {kind: 1.0 - row["rejected"] for kind, row in results["int8_cells_test"].get("per_kind", {}).items()}
+    passed = {kind: passed.get(kind, float("nan")) for kind in ("dent", "crease")}
+    held = results["int8_heldout"]
+    forced = "".join(f"\n**Not enforced (a quick check at scale {scale}):** {results[key]['forced']}."
+                     for key in ("export", "side_export") if "forced" in results[key])
+    sets = "\n".join(f"| {name} | {_cells(name, scale)} | seed {s['seed']} | {s['domain']} | "
                      f"{', '.join(s['kinds'])} |" for name, s in SETS.items())
     return f"""# Model card: {MODEL_NAME} and {SIDE_MODEL_NAME}
 
@@ -212,7 +234,8 @@ work folder already holds (rendered sets, finished training runs).
 {sets}
 
 Each set has a top and a side frame of every cell (stored as two datasets, `NAME` and
-`NAME-side`, matched by cell id). Defect rate {DEFECT_RATE}. Cell spec PL-5060100
+`NAME-side`, matched by cell id); the training set's cells past the side count have a top
+frame only. Defect rate {DEFECT_RATE}. Cell spec PL-5060100
 (100 x 60 x 5 mm): a cell is swollen above 5 % (0.25 mm). `{HELD_OUT_KIND}` never appears in
 training; only the anomaly scores can catch it.
 
@@ -247,23 +270,25 @@ Side view (`{SIDE_MODEL_NAME}`), per frame:
 
 {tables["side_"]}
 
-INT8 against FP32, AUROC loss on the validation split: {json.dumps(losses)}.
+INT8 against FP32, AUROC loss on the validation split: {json.dumps(losses)}.{forced}
 
 ## Where it fails
 
 - Dents and creases change the film's shading, not the silhouette: only the top view sees
   them, and near their limit they look like the in-spec cosmetic marks good cells carry.
   The calibration spends nearly the whole budget on the top model's `deformed` flag, and
-  still about one dent or crease in eleven passes.
+  still {passed['dent']:.1%} of the dents and {passed['crease']:.1%} of the creases pass.
 - The thresholds are set for the pair. Either model run alone catches less than its
   metadata's target suggests: the top model's `swollen` flag, for one, is set almost off,
   since the side view's gauge measures swelling. The inspection service warns when a model
   runs without the models it was calibrated with.
-- In the held-out domain (blue film, other light geometry, more noise and blur) the anomaly
-  scores flag about a third of the good cells, and the side view misses more swelling: the
-  good-cell Gaussians and the thresholds were set in the training domain. A line with other
-  film or light needs its good-cell Gaussians fitted again and its thresholds set on its own
-  good cells (`pouchline model calibrate`).
+- In the held-out domain (blue film, other light geometry, more noise and blur) the top
+  model's defect flags reject {held['false_reject_rate_defect_outputs']:.1%} of the good cells, and the side view misses
+  more swelling. On the film, a flat cell shows the ring light's reflection; the held-out
+  ring is wider and lower, so its reflection falls elsewhere, and the top model reads that
+  as a deformed surface. The thresholds and good-cell Gaussians were set in the training
+  domain. A line with other film or light must set its thresholds on its own good cells
+  (`pouchline model calibrate`) and fine-tune on its own cells (below).
 
 ## Intended use and limits
 

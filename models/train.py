@@ -329,7 +329,9 @@ class Trainer:
     def _swelling_calibration(self, predicted: np.ndarray) -> dict[str, float]:
         """Linear correction (scale, offset) of the swelling estimate, fitted on validation."""
         known = np.isfinite(self.val_set.swelling)
-        if not self.has_swelling or known.sum() < 10:
+        # A fit needs estimates that vary: a barely trained head (a quick check) can output
+        # 0 for every frame, and the fit would then fail instead of leaving the gauge as it is.
+        if not self.has_swelling or known.sum() < 10 or np.ptp(predicted[known]) < 1e-6:
             return {"scale": 1.0, "offset": 0.0}
         scale, offset = np.polyfit(predicted[known], self.val_set.swelling[known], 1)
         return {"scale": float(scale), "offset": float(offset)}
