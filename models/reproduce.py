@@ -39,7 +39,7 @@ HELD_OUT_KIND = "bent_corner"
 MODEL_NAME = "pouchline-detector"
 SIDE_MODEL_NAME = "pouchline-side"
 #: Epochs of the top model: 12 over its 40,000 training cells fit the 45-minute budget
-#: (measured 2.6-4.1 min per epoch on the 2-core machine).
+#: (1.9-4.1 min per epoch on the 2-core machine across two runs; 38 min in all, 2026-11-30).
 TOP_EPOCHS = 12
 #: The side model learns from a cleaner signal and converges in fewer epochs.
 SIDE_EPOCHS = 12
