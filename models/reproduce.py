@@ -171,15 +171,15 @@ def model_card(results: dict[str, Any], *, epochs: int, seed: int, scale: float)
     """The model card: what the models are, how they were made, what they measured, where they fail."""
     header = "| metric | target | FP32 | INT8 |\n|---|---|---|---|\n"
     tables = {part: header + "\n".join(_metric_rows(results, part)) for part in ("cells_", "", "side_")}
+    cell_kinds = results["int8_cells_test"].get("per_kind", {})
     per_view = {view: results[f"int8_{part}test"].get("per_kind", {}) for view, part in (("top", ""), ("side", "side_"))}
     kinds = "\n".join(
         f"| {kind} | {row['cells']} | {row['rejected']:.3f} | {per_view['top'].get(kind, {}).get('rejected', float('nan')):.3f} | "
         f"{per_view['side'].get(kind, {}).get('rejected', float('nan')):.3f} | {row['deformed_recall']:.3f} | "
-        f"{row['anomaly_recall']:.3f} |" for kind, row in results["int8_cells_test"].get("per_kind", {}).items())
+        f"{row['anomaly_recall']:.3f} |" for kind, row in cell_kinds.items())
     losses = {name: {k: round(v, 4) for k, v in results[key].get("auroc_loss", {}).items()}
               for name, key in ((MODEL_NAME, "export"), (SIDE_MODEL_NAME, "side_export"))}
-    passed = {kind: 1.0 - row["rejected"] for kind, row in results["int8_cells_test"].get("per_kind", {}).items()}
-    passed = {kind: passed.get(kind, float("nan")) for kind in ("dent", "crease")}
+    passed = {kind: 1.0 - cell_kinds.get(kind, {}).get("rejected", float("nan")) for kind in ("dent", "crease")}
     held = results["int8_heldout"]
     forced = "".join(f"\n**Not enforced (a quick check at scale {scale}):** {results[key]['forced']}."
                      for key in ("export", "side_export") if "forced" in results[key])
