@@ -139,13 +139,13 @@ class ArenaWriter:
             return newest.end if newest.end + need <= self.size else None
         return newest.end if newest.end + need <= oldest.offset else None  # wrapped: room between them
 
-    def free(self, region: Region) -> None:
-        """The frame is finished: stamp the region stale, give the space back once it is the oldest."""
+    def free(self, *regions: Region) -> None:
+        """The frames are finished: stamp their regions stale, give the space back once it is the oldest."""
         with self._lock:
-            if region.freed:
-                return
-            region.freed = True
-            _REGION.pack_into(self._map, region.offset, 0, 0)
+            for region in regions:
+                if not region.freed:
+                    region.freed = True
+                    _REGION.pack_into(self._map, region.offset, 0, 0)
             while self._live and self._live[0].freed:
                 self._live.popleft()
 

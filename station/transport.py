@@ -109,6 +109,7 @@ _COALESCE_S = 0.0005
 #: than the send itself for a batch's small parts.
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 #: While capture threads submitted this recently and nothing waits for credit, they read the
 #: socket themselves and the I/O thread leaves it alone (see `FrameServer._run`), looking in
 #: every `_FLUSH_S` only to send the end of a burst that no further frame came to take along.
@@ -159,7 +160,6 @@ class _Item:
     policy: Policy
     deliveries: int = 0
     region: Region | None = None  # the bytes' copy in the arena, for workers on this host
-    slot: threading.BoundedSemaphore | None = None  # its camera's pending bound (``every``), released when it is dealt
 
     @property
     def notice(self) -> bool:
@@ -210,8 +210,6 @@ class FrameServer:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._pending: deque[_Item] = deque()
-        self._slots: dict[str, threading.BoundedSemaphore] = {}
-        self._slots_lock = threading.Lock()
         self._workers: dict[bytes, _Worker] = {}
         self._closing = threading.Event()
         self._accepting = True
@@ -221,6 +219,11 @@ class FrameServer:
         # credit sends the frame itself (no hand-off to another thread on the hot path); the
         # I/O thread takes the lock for incoming messages, heartbeats and frames left waiting.
         self._lock = threading.RLock()
+        # ``every`` frames of each camera submitted and not yet dealt (the pending bound), and
+        # the producers waiting for room under it.
+        self._undealt: Counter[str] = Counter()
+        self._room = threading.Condition(self._lock)
+        self._waiting_for_room = 0
         self._last_submit = 0.0
         self._last_send = 0.0
         self._io_wakes_at = 0.0  # when the I/O thread looks in next, at the latest
@@ -254,13 +257,9 @@ class FrameServer:
         if not self._accepting:
             raise RuntimeError(f"frame server of station {self.station!r} is closed")
         item = _Item(header, encode_frame(header, payload), policy)
-        if policy == "every":
-            item.slot = slot = self._slot(header.camera)
-            deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            while not (slot.acquire(blocking=False) or slot.acquire(timeout=0.1)):
-                if self._closing.is_set() or (deadline is not None and time.monotonic() > deadline):
-                    return False
         with self._lock:
+            if policy == "every" and not self._wait_for_room(header.camera, timeout_s):
+                return False
             now = time.monotonic()
             burst = now - self._last_submit < _COALESCE_S and now - self._last_send < _COALESCE_S
             self._last_submit = now
@@ -276,11 +275,20 @@ class FrameServer:
                 os.write(self._wake_w, b"\0")
         return True
 
-    def _slot(self, camera: str) -> threading.BoundedSemaphore:
-        with self._slots_lock:
-            if camera not in self._slots:
-                self._slots[camera] = threading.BoundedSemaphore(self.settings.max_pending)
-            return self._slots[camera]
+    def _wait_for_room(self, camera: str, timeout_s: float | None) -> bool:
+        """Under the lock: take a place in the camera's pending bound, waiting while it is full;
+        False when ``timeout_s`` passes or the server closes first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._undealt[camera] >= self.settings.max_pending:
+            if self._closing.is_set() or (deadline is not None and time.monotonic() > deadline):
+                return False
+            self._waiting_for_room += 1
+            try:
+                self._room.wait(0.1)
+            finally:
+                self._waiting_for_room -= 1
+        self._undealt[camera] += 1
+        return True
 
     def stats(self) -> dict[str, Any]:
         """A snapshot for the status endpoint: counts, queues, workers, malformed messages."""
@@ -405,7 +413,7 @@ class FrameServer:
         for identity in [] if self._lanes is None else self._lanes.ready():
             took = True
             self._drain_lane(identity)
-        while self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than raising zmq.Again at the end
+        while self._router.getsockopt(_EVENTS) & _POLLIN:  # cheaper than raising zmq.Again at the end
             try:
                 identity, *parts = _recv_parts(self._router)
             except zmq.Again:
@@ -435,8 +443,7 @@ class FrameServer:
             worker = self._workers.get(identity)
             if worker is not None:
                 worker.last_seen = now
-            for key in message.keys:
-                self._finish(key, worker)  # type: ignore[arg-type]
+            self._finish(message.keys, worker)  # type: ignore[arg-type]
         else:
             self.rejected.record(ProtocolError("unexpected", f"a worker sent a {type(message).__name__} message"))
 
@@ -474,18 +481,25 @@ class FrameServer:
         header = item.header.model_copy(update={"dropped": reason, "nbytes": 0})
         return _Item(header, encode_frame(header, b""), item.policy, item.deliveries)
 
-    def _finish(self, key: Key, sender: _Worker | None) -> None:
-        # The sender holds it, unless it reconnected under a new identity since it took it.
-        item = None if sender is None else sender.held.pop(key, None)
-        for worker in () if item is not None else self._workers.values():
-            item = worker.held.pop(key, None)
-            if item is not None:
-                break
-        if item is None:
-            self._count("done_unknown")  # from before a restart, or a duplicate after redelivery
-            return
-        self._release(item)
-        self._count("notices_done" if item.notice else "done", key[1])
+    def _finish(self, keys: Sequence[Key], sender: _Worker | None) -> None:
+        """A worker is done with these frames: their credit and arena space come back."""
+        regions = []
+        for key in keys:
+            # The sender holds it, unless it reconnected under a new identity since it took it.
+            item = None if sender is None else sender.held.pop(key, None)
+            for worker in () if item is not None else self._workers.values():
+                item = worker.held.pop(key, None)
+                if item is not None:
+                    break
+            if item is None:
+                self._count("done_unknown")  # from before a restart, or a duplicate after redelivery
+                continue
+            if item.region is not None:
+                regions.append(item.region)
+                item.region = None
+            self._count("notices_done" if item.notice else "done", key[1])
+        if regions and self._arena is not None:
+            self._arena.free(*regions)  # under one lock
 
     def _forget(self, identity: bytes, why: str) -> None:
         worker = self._workers.pop(identity)
@@ -544,8 +558,10 @@ class FrameServer:
             while self._pending and len(batch) < _BATCH and (room > 0 or self._pending[0].notice) and inline < _BATCH_BYTES:
                 item = self._pending.popleft()
                 room -= not item.notice
-                if item.deliveries == 0 and item.slot is not None:
-                    item.slot.release()  # the producer may go on
+                if item.deliveries == 0 and item.policy == "every":
+                    self._undealt[item.header.camera] -= 1  # its place in the pending bound is free
+                    if self._waiting_for_room:
+                        self._room.notify_all()
                 item.deliveries += 1
                 worker.held[item.header.key] = item
                 if worker.local and self._by_reference(item):
@@ -833,7 +849,7 @@ class FrameClient:
                 return bool(self._ready)
             if self._ready:
                 return True
-        while link.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while link.socket.getsockopt(_EVENTS) & _POLLIN:
             try:
                 parts = _recv_parts(link.socket)
             except zmq.Again:

@@ -186,6 +186,24 @@ def test_every_policy_blocks_the_producer_instead_of_dropping(server: FrameServe
     assert not server.stats().get("dropped_queue_full")
 
 
+def test_a_blocked_producer_goes_on_once_a_worker_takes_frames_and_cameras_are_bounded_apart(server: FrameServer) -> None:
+    for seq in range(FAST.max_pending):
+        assert server.submit(header(seq), JPEG, policy="every")
+    assert server.submit(header(0, camera="side"), JPEG, policy="every", timeout_s=0.1), "another camera's bound is its own"
+    returned: list[bool] = []
+    producer = threading.Thread(target=lambda: returned.append(server.submit(header(99), JPEG, policy="every")))
+    producer.start()
+    producer.join(timeout=0.3)
+    assert producer.is_alive(), "the top camera's bound is full: its producer waits"
+    worker = Worker(server.endpoint, "w")
+    worker.start()
+    producer.join(timeout=5)
+    assert returned == [True]
+    assert wait_for(lambda: len(worker.keys) == FAST.max_pending + 2)
+    worker.halt()
+    assert ("st1", "top", 99) in worker.keys and not server.stats().get("dropped_queue_full")
+
+
 def test_curve_refuses_a_worker_with_an_unknown_key(tmp_path: Path) -> None:
     create_keys(tmp_path / "station", "station")
     create_keys(tmp_path / "clients", "good")
