@@ -470,11 +470,13 @@ class FrameServer:
         return encode_control(Heartbeat(type="heartbeat", sender=self.station, session=self.session, busy=0,
                                         capacity=0, arena=arena, lane=lane))
 
-    def _release(self, item: _Item) -> None:
-        """The station is done with the frame's bytes in the arena."""
-        if item.region is not None and self._arena is not None:
-            self._arena.free(item.region)
-            item.region = None
+    def _release(self, *items: _Item) -> None:
+        """The station is done with the frames' bytes in the arena (freed under one lock)."""
+        regions = [item.region for item in items if item.region is not None]
+        if regions and self._arena is not None:
+            self._arena.free(*regions)
+            for item in items:
+                item.region = None
 
     def _drop_notice(self, item: _Item, reason: str) -> _Item:
         self._release(item)
@@ -483,7 +485,7 @@ class FrameServer:
 
     def _finish(self, keys: Sequence[Key], sender: _Worker | None) -> None:
         """A worker is done with these frames: their credit and arena space come back."""
-        regions = []
+        finished = []
         for key in keys:
             # The sender holds it, unless it reconnected under a new identity since it took it.
             item = None if sender is None else sender.held.pop(key, None)
@@ -494,12 +496,9 @@ class FrameServer:
             if item is None:
                 self._count("done_unknown")  # from before a restart, or a duplicate after redelivery
                 continue
-            if item.region is not None:
-                regions.append(item.region)
-                item.region = None
+            finished.append(item)
             self._count("notices_done" if item.notice else "done", key[1])
-        if regions and self._arena is not None:
-            self._arena.free(*regions)  # under one lock
+        self._release(*finished)
 
     def _forget(self, identity: bytes, why: str) -> None:
         worker = self._workers.pop(identity)
