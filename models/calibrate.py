@@ -160,6 +160,8 @@ def calibrate(models: list[Path], good: list[Path], defects: list[Path], *, defe
     record = {
         "rule": "cell-level greedy: most defective cells caught per good cell rejected",
         "models": {view: model.path.name for view, model in loaded.items()},
+        # The partners by content: a renamed file is still the partner, a new model under the old name is not.
+        "model_sha256": {view: model.meta.sha256 for view, model in loaded.items()},
         "good_data": {str(root): manifest_hash(root) for root in good},
         "defect_data": {str(root): manifest_hash(root) for root in defects}, "defects_split": defects_split,
         "good_cells": cells, "good_not_located": unlocated, "defective_cells": len(defect_scores),

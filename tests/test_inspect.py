@@ -253,6 +253,45 @@ def test_a_model_calibrated_with_another_view_is_flagged_when_run_alone(caplog: 
     assert "set together with pouchline-side.int8.onnx" in caplog.text
 
 
+def _copy_model(model: Path, to: Path) -> Path:
+    """A model and its metadata under another file name."""
+    from pouchline.models.metadata import metadata_path
+
+    shutil.copy(model, to)
+    shutil.copy(metadata_path(model), metadata_path(to))
+    return to
+
+
+def test_calibration_partners_are_known_by_their_graph_not_their_file_name(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pouchline.inspect.config import SHIPPED_SIDE_MODEL
+    from pouchline.inspect.service import model_views
+
+    renamed = _copy_model(SHIPPED_SIDE_MODEL, tmp_path / "line3-side.onnx")
+    # Another side model (the FP32 one) deployed under the partner's file name: not the partner.
+    impostor_dir = tmp_path / "impostor"
+    impostor_dir.mkdir()
+    impostor = _copy_model(SHIPPED_SIDE_MODEL.with_name("pouchline-side.onnx"), impostor_dir / SHIPPED_SIDE_MODEL.name)
+    with caplog.at_level("WARNING", logger="pouchline.inspect.service"):
+        model_views(inspect_config("tcp://127.0.0.1:5999", more_models=[renamed]))
+        assert not caplog.records
+        assert set(model_views(inspect_config("tcp://127.0.0.1:5999", more_models=[impostor]))) == {"top", "side"}
+    assert "set together with pouchline-side.int8.onnx (SHA-256" in caplog.text
+
+
+def test_a_calibration_record_of_the_wrong_shape_names_its_file_and_field(tmp_path: Path) -> None:
+    from pouchline.inspect.config import SHIPPED_SIDE_MODEL
+    from pouchline.inspect.service import model_views
+    from pouchline.models.metadata import ModelError, metadata_path
+
+    side = _copy_model(SHIPPED_SIDE_MODEL, tmp_path / "side.onnx")
+    meta = json.loads(metadata_path(side).read_text())
+    meta["calibration"]["model_sha256"] = ["top", "side"]  # hand-edited into a list
+    metadata_path(side).write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=r"side\.json: field 'calibration\.model_sha256' must map views to strings"):
+        model_views(inspect_config("tcp://127.0.0.1:5999", more_models=[side]))
+
+
 def _frame_verdict(camera: str, view: str, decision: str, reasons: list[str], seq: int, *, views: int = 2,
                    status: str = "ok") -> FrameVerdict:
     return FrameVerdict(station="st", camera=camera, lot="L1", cell="c1", view=view, views=views, seq=seq,

@@ -37,6 +37,8 @@ def test_quick_check_rebuilds_both_models_calibrated_as_a_pair(tmp_path: Path) -
     for precision in ("fp32", "int8"):
         calibration = results[f"{precision}_calibration"]
         assert set(calibration["models"]) == {"top", "side"}
+        pair = {m.meta.input.view: m.meta.sha256 for name in models for m in models[name] if m.meta.precision == precision}
+        assert calibration["model_sha256"] == pair  # partners known by their graph's hash
         assert calibration["good_rejected"] <= calibration["target_frr"]
         assert results[f"{precision}_cells_test"]["unit"] == "cell"
 
