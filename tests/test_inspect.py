@@ -255,8 +255,6 @@ def test_a_model_calibrated_with_another_view_is_flagged_when_run_alone(caplog: 
 
 def _copy_model(model: Path, to: Path) -> Path:
     """A model and its metadata under another file name."""
-    from pouchline.models.metadata import metadata_path
-
     shutil.copy(model, to)
     shutil.copy(metadata_path(model), metadata_path(to))
     return to
@@ -282,7 +280,7 @@ def test_calibration_partners_are_known_by_their_graph_not_their_file_name(
 def test_a_calibration_record_of_the_wrong_shape_names_its_file_and_field(tmp_path: Path) -> None:
     from pouchline.inspect.config import SHIPPED_SIDE_MODEL
     from pouchline.inspect.service import model_views
-    from pouchline.models.metadata import ModelError, metadata_path
+    from pouchline.models.metadata import ModelError
 
     side = _copy_model(SHIPPED_SIDE_MODEL, tmp_path / "side.onnx")
     meta = json.loads(metadata_path(side).read_text())
@@ -543,9 +541,7 @@ def test_a_worker_killed_mid_lot_loses_no_cell() -> None:
 
 @pytest.mark.slow
 def test_hot_swap_under_load_drops_no_frame_and_the_file_watch_swaps_too(tmp_path: Path) -> None:
-    live = tmp_path / "live.onnx"
-    shutil.copy(SHIPPED_MODEL, live)
-    shutil.copy(metadata_path(SHIPPED_MODEL), metadata_path(live))
+    live = _copy_model(SHIPPED_MODEL, tmp_path / "live.onnx")
     int8_sha = json.loads(metadata_path(SHIPPED_MODEL).read_text())["sha256"]
     fp32_sha = json.loads(metadata_path(FP32_MODEL).read_text())["sha256"]
     cells = Cells()
@@ -561,9 +557,7 @@ def test_hot_swap_under_load_drops_no_frame_and_the_file_watch_swaps_too(tmp_pat
             time.sleep(0.05)
         service.reload(live)  # back to the watched file...
         time.sleep(1.5)
-        staged = tmp_path / "staged.onnx"  # ...which is then replaced on disk (atomic renames, json first)
-        shutil.copy(FP32_MODEL, staged)
-        shutil.copy(metadata_path(FP32_MODEL), metadata_path(staged))
+        staged = _copy_model(FP32_MODEL, tmp_path / "staged.onnx")  # ...which is then replaced on disk (atomic renames, json first)
         os.replace(metadata_path(staged), metadata_path(live))
         os.replace(staged, live)
         verdicts = cells.wait(count, timeout_s=90)
