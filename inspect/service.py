@@ -32,7 +32,7 @@ from pouchline.inspect.config import InspectConfig
 from pouchline.inspect.modelslot import one_model_per_view
 from pouchline.inspect.sinks import ControllerLink, JsonlSink
 from pouchline.inspect.worker import ControlMessage, run_worker
-from pouchline.models.metadata import ModelError, ModelMetadata, load_metadata, metadata_path
+from pouchline.models.metadata import CalibrationRecord, ModelError, ModelMetadata, load_metadata
 from pouchline.station.status import EndpointServer, Reply
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def model_views(config: InspectConfig) -> dict[str, Path]:
     metas = {path: load_metadata(path) for path in (config.model, *config.more_models)}
     views = one_model_per_view((meta.input.view, path) for path, meta in metas.items())
     for path, meta in metas.items():
-        missing = missing_partners(path, meta.calibration, metas)
+        missing = missing_partners(meta.calibration, metas)
         if missing:
             log.warning("%s: its thresholds were set together with %s, which this service does not run; alone it "
                         "catches fewer defects than calibrated (add them to more_models, or calibrate it alone)",
@@ -73,22 +73,17 @@ def model_views(config: InspectConfig) -> dict[str, Path]:
     return views
 
 
-def missing_partners(model: Path, calibration: dict[str, Any], metas: dict[Path, ModelMetadata]) -> list[str]:
-    """The models ``model``'s calibration record was made with that are not among ``metas``.
+def missing_partners(calibration: CalibrationRecord, metas: dict[Path, ModelMetadata]) -> list[str]:
+    """The models a calibration record was made with that are not among ``metas``.
 
     Partners are matched by the SHA-256 of their graph: a partner under another file name is
     there, and a different model under a partner's file name (retrained since) is not. Records
     from before the hashes were kept are matched by file name."""
-    names, hashes = calibration.get("models", {}), calibration.get("model_sha256")
-    for field, value in (("models", names), ("model_sha256", hashes if hashes is not None else {})):
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise ModelError(f"{metadata_path(model)}: field 'calibration.{field}' must map views to strings, "
-                             f"got {value!r}")
-    if hashes is None:
-        return sorted(set(names.values()) - {path.name for path in metas})
+    if calibration.model_sha256 is None:
+        return sorted(set(calibration.models.values()) - {path.name for path in metas})
     running = {meta.sha256 for meta in metas.values()}
-    return sorted(f"{names.get(view, view)} (SHA-256 {digest[:12]}...)" for view, digest in hashes.items()
-                  if digest not in running)
+    return sorted(f"{calibration.models.get(view, view)} (SHA-256 {digest[:12]}...)"
+                  for view, digest in calibration.model_sha256.items() if digest not in running)
 
 
 class InspectService:

@@ -35,7 +35,7 @@ import numpy as np
 from pouchline.datasets.manifest import DatasetError, DatasetReader
 from pouchline.models.dataprep import manifest_hash
 from pouchline.models.evaluate import Scored, group_cells, load_views, score_views
-from pouchline.models.metadata import metadata_path
+from pouchline.models.metadata import CalibrationRecord, metadata_path
 from pouchline.models.metrics import limits_of_sorted, thresholds_at
 
 #: Fewest good cells the budget must allow to be rejected: below that a threshold rests on single cells.
@@ -174,7 +174,7 @@ def calibrate(models: list[Path], good: list[Path], defects: list[Path], *, defe
         mine = {flag: float(limit) for (owner, flag), limit in zip(flags, limits) if owner == view}
         meta = model.meta.model_copy(update={
             "thresholds": {name: mine[name] for name in model.meta.thresholds}, "anomaly_threshold": mine[ANOMALY],
-            "target_frr": target_frr, "calibration": record,
+            "target_frr": target_frr, "calibration": CalibrationRecord.model_validate(record),
         })
         metadata_path(model.path).write_text(meta.model_dump_json(indent=2))
     return {**record, "target_frr": target_frr,

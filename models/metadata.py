@@ -40,6 +40,18 @@ class InputSpec(BaseModel):
     view: str = Field(description="Camera view the model was trained on.")
 
 
+class CalibrationRecord(BaseModel):
+    """The cell-level record of `pouchline model calibrate`. The partner fields are typed because
+    the runtime reads them (which models must run beside this one); the rest is the record
+    people read (rule, data, cells, good cells each flag may reject) and is kept as written."""
+
+    model_config = ConfigDict(extra="allow")
+
+    models: dict[str, str] = Field(default_factory=dict, description="File name of each view's model calibrated together.")
+    model_sha256: dict[str, str] | None = Field(
+        None, description="SHA-256 of each view's model calibrated together (absent from records made before it was kept).")
+
+
 class ModelMetadata(BaseModel):
     """Contents of ``MODEL.json`` next to ``MODEL.onnx``."""
 
@@ -58,8 +70,8 @@ class ModelMetadata(BaseModel):
     )
     anomaly_threshold: float = Field(description="Anomaly score above which a cell is flagged as unusual.")
     target_frr: float = Field(description="False-reject rate on good validation cells the thresholds were set at.")
-    calibration: dict[str, Any] = Field(
-        default_factory=dict,
+    calibration: CalibrationRecord = Field(
+        default_factory=CalibrationRecord,
         description="How the thresholds were set when not by training alone: the cell-level record of "
                     "`pouchline model calibrate` (rule, models, data, cells, good cells each flag may reject).",
     )

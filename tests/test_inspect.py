@@ -286,7 +286,7 @@ def test_a_calibration_record_of_the_wrong_shape_names_its_file_and_field(tmp_pa
     meta = json.loads(metadata_path(side).read_text())
     meta["calibration"]["model_sha256"] = ["top", "side"]  # hand-edited into a list
     metadata_path(side).write_text(json.dumps(meta))
-    with pytest.raises(ModelError, match=r"side\.json: field 'calibration\.model_sha256' must map views to strings"):
+    with pytest.raises(ModelError, match=r"side\.json: field 'calibration\.model_sha256': Input should be a valid dictionary"):
         model_views(inspect_config("tcp://127.0.0.1:5999", more_models=[side]))
 
 
