@@ -1,9 +1,13 @@
 """Domain knobs: the appearance distribution a synthetic dataset is drawn from.
 
-Training uses the ``default`` domain; ``heldout`` moves every knob outside the ranges
-training saw (film colour, light placement and colour, noise, camera height), so a model's
+Training uses the ``default`` domain; ``heldout`` draws every knob where training never
+did (film colour, light placement and colour, noise, camera height), so a model's
 robustness to a new line can be measured before one exists. Custom domains are JSON files
 with the same fields; an unknown key is an error.
+
+A knob is one range ``[low, high]`` or a list of disjoint bands ``[[40, 90], [110, 140]]``:
+bands let a training domain span rigs on both sides of a setting it must never see, so a
+held-out rig inside the gap tests whether the model learned to ignore that setting.
 """
 
 from __future__ import annotations
@@ -12,18 +16,45 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 FilmColour = Literal["silver", "grey", "black", "blue"]
 Lighting = Literal["ring", "bar"]
 Range = tuple[float, float]
+Knob = Range | list[Range]
+# The fields that are knobs (one range or bands); every one is drawn with `draw`.
+KNOBS = ("light_intensity", "light_warmth", "ring_radius_mm", "ring_height_mm", "bar_offset_mm", "bar_height_mm",
+         "room_light", "camera_height_mm", "exposure", "read_noise", "shot_noise", "blur_sigma_px", "vignetting",
+         "belt_grey")
 
 
-def _ordered(value: Range) -> Range:
-    low, high = value
-    if low > high:
-        raise ValueError(f"range [{low}, {high}] has its low end above its high end")
+def _checked(value: Knob) -> Knob:
+    bands = [value] if isinstance(value, tuple) else value
+    if not bands:
+        raise ValueError("a list of bands needs at least one [low, high] range")
+    for low, high in bands:
+        if low > high:
+            raise ValueError(f"range [{low}, {high}] has its low end above its high end")
+    for (_, high), (low, _) in zip(bands, bands[1:]):
+        if low <= high:
+            raise ValueError(f"bands must be in rising order without overlap ({low} is not above {high})")
     return value
+
+
+def draw(rng: np.random.Generator, knob: Knob) -> float:
+    """A value uniform over a range or over the union of its bands. Either takes exactly one
+    number from the generator, so a domain that only widens one knob leaves every other
+    drawn value of a seed as it was."""
+    if isinstance(knob, tuple):
+        return float(rng.uniform(knob[0], knob[1]))
+    widths = [high - low for low, high in knob]
+    position = float(rng.uniform(0.0, sum(widths)))
+    for (low, _), width in zip(knob, widths):
+        if position <= width:
+            return low + position
+        position -= width
+    return knob[-1][1]
 
 
 class Domain(BaseModel):
@@ -34,30 +65,26 @@ class Domain(BaseModel):
     name: str = Field(description="Domain name, recorded in every frame's render parameters.")
     films: list[FilmColour] = Field(min_length=1, description="Laminate film colours to draw from.")
     lighting: list[Lighting] = Field(min_length=1, description="Light kinds: 'ring' around the lens, 'bar' to one side.")
-    light_intensity: Range = Field(description="Relative light power (1 = nominal exposure).")
-    light_warmth: Range = Field(description="Colour tint of the light: -1 cool/blue .. +1 warm/amber.")
-    ring_radius_mm: Range = Field(description="Radius of the ring light.")
-    ring_height_mm: Range = Field(description="Height of the ring light above the belt.")
-    bar_offset_mm: Range = Field(description="Horizontal distance of the bar light from the optical axis.")
-    bar_height_mm: Range = Field(description="Height of the bar light above the belt.")
-    room_light: Range = Field(description="Brightness of the room reflected by the foil where the light is not.")
-    camera_height_mm: Range = Field(description="Camera height above the belt (sets px/mm).")
-    exposure: Range = Field(description="Exposure gain applied at the sensor.")
-    read_noise: Range = Field(description="Sensor read-noise standard deviation (fraction of full scale).")
-    shot_noise: Range = Field(description="Photon shot-noise gain (variance per unit of signal).")
-    blur_sigma_px: Range = Field(description="Focus blur (Gaussian sigma, pixels).")
-    vignetting: Range = Field(description="Relative brightness lost in the image corners.")
-    jpeg_quality: tuple[int, int] = Field(description="JPEG quality of the stored frame.")
+    light_intensity: Knob = Field(description="Relative light power (1 = nominal exposure).")
+    light_warmth: Knob = Field(description="Colour tint of the light: -1 cool/blue .. +1 warm/amber.")
+    ring_radius_mm: Knob = Field(description="Radius of the ring light.")
+    ring_height_mm: Knob = Field(description="Height of the ring light above the belt.")
+    bar_offset_mm: Knob = Field(description="Horizontal distance of the bar light from the optical axis.")
+    bar_height_mm: Knob = Field(description="Height of the bar light above the belt.")
+    room_light: Knob = Field(description="Brightness of the room reflected by the foil where the light is not.")
+    camera_height_mm: Knob = Field(description="Camera height above the belt (sets px/mm).")
+    exposure: Knob = Field(description="Exposure gain applied at the sensor.")
+    read_noise: Knob = Field(description="Sensor read-noise standard deviation (fraction of full scale).")
+    shot_noise: Knob = Field(description="Photon shot-noise gain (variance per unit of signal).")
+    blur_sigma_px: Knob = Field(description="Focus blur (Gaussian sigma, pixels).")
+    vignetting: Knob = Field(description="Relative brightness lost in the image corners.")
+    jpeg_quality: tuple[int, int] = Field(description="JPEG quality of the stored frame (one range, no bands).")
     label_probability: float = Field(ge=0, le=1, description="Chance a cell carries a printed label/barcode.")
-    belt_grey: Range = Field(description="Belt brightness (matte conveyor background).")
+    belt_grey: Knob = Field(description="Belt brightness (matte conveyor background).")
     max_shift_mm: float = Field(ge=0, description="Largest pose offset of the cell from the image centre.")
     max_rotation_deg: float = Field(ge=0, le=45, description="Largest rotation of the cell on the belt.")
 
-    _ranges = field_validator(
-        "light_intensity", "light_warmth", "ring_radius_mm", "ring_height_mm", "bar_offset_mm",
-        "bar_height_mm", "room_light", "camera_height_mm", "exposure", "read_noise", "shot_noise",
-        "blur_sigma_px", "vignetting", "jpeg_quality", "belt_grey",
-    )(_ordered)
+    _knobs = field_validator(*KNOBS, "jpeg_quality")(_checked)
 
 
 BUILTIN_DOMAINS = ("default", "heldout")

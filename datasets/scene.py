@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pouchline.datasets.domain import Domain
+from pouchline.datasets.domain import Domain, draw
 from pouchline.datasets.records import DEFORMATION_KINDS
 from pouchline.datasets.spec import CellSpec
 
@@ -106,10 +106,6 @@ class CellScene:
         }
 
 
-def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
-    return float(rng.uniform(bounds[0], bounds[1]))
-
-
 def sample_deformation(rng: np.random.Generator, spec: CellSpec, kind: str, magnitude: float) -> Deformation:
     """Shape parameters of one deformation of a given kind and magnitude."""
     half_l, half_w = spec.length_mm / 2, spec.width_mm / 2
@@ -117,31 +113,31 @@ def sample_deformation(rng: np.random.Generator, spec: CellSpec, kind: str, magn
     params: dict[str, float]
     if kind == "dent":
         params = {
-            "u": _uniform(rng, (-inner_u, inner_u)),
-            "v": _uniform(rng, (-inner_v, inner_v)),
-            "radius_mm": _uniform(rng, (3.0, 7.0)),
+            "u": draw(rng, (-inner_u, inner_u)),
+            "v": draw(rng, (-inner_v, inner_v)),
+            "radius_mm": draw(rng, (3.0, 7.0)),
         }
     elif kind == "crease":
         params = {
-            "u": _uniform(rng, (-inner_u * 0.6, inner_u * 0.6)),
-            "v": _uniform(rng, (-inner_v * 0.6, inner_v * 0.6)),
-            "angle_deg": _uniform(rng, (0.0, 180.0)),
-            "length_mm": _uniform(rng, (25.0, 55.0)),
-            "width_mm": _uniform(rng, (0.8, 1.6)),
+            "u": draw(rng, (-inner_u * 0.6, inner_u * 0.6)),
+            "v": draw(rng, (-inner_v * 0.6, inner_v * 0.6)),
+            "angle_deg": draw(rng, (0.0, 180.0)),
+            "length_mm": draw(rng, (25.0, 55.0)),
+            "width_mm": draw(rng, (0.8, 1.6)),
         }
     elif kind == "bent_corner":
         params = {
             "corner": float(rng.integers(0, 4)),
-            "fold_mm": _uniform(rng, (8.0, 16.0)),
+            "fold_mm": draw(rng, (8.0, 16.0)),
         }
     elif kind == "edge_wrinkle":
         params = {
             "side": float(rng.choice([-1.0, 1.0])),
-            "u": _uniform(rng, (-half_l * 0.5, half_l * 0.5)),
-            "length_mm": _uniform(rng, (25.0, 55.0)),
-            "wavelength_mm": _uniform(rng, (3.5, 7.0)),
-            "phase": _uniform(rng, (0.0, 2 * np.pi)),
-            "decay_mm": _uniform(rng, (3.0, 6.0)),
+            "u": draw(rng, (-half_l * 0.5, half_l * 0.5)),
+            "length_mm": draw(rng, (25.0, 55.0)),
+            "wavelength_mm": draw(rng, (3.5, 7.0)),
+            "phase": draw(rng, (0.0, 2 * np.pi)),
+            "decay_mm": draw(rng, (3.0, 6.0)),
         }
     elif kind == "warp":
         params = {
@@ -161,33 +157,33 @@ def sample_appearance(rng: np.random.Generator, domain: Domain) -> Appearance:
     label = None
     if rng.random() < domain.label_probability:
         label = {
-            "u": _uniform(rng, (-25.0, 15.0)),
-            "v": _uniform(rng, (-12.0, 4.0)),
-            "length_mm": _uniform(rng, (24.0, 34.0)),
-            "width_mm": _uniform(rng, (10.0, 16.0)),
+            "u": draw(rng, (-25.0, 15.0)),
+            "v": draw(rng, (-12.0, 4.0)),
+            "length_mm": draw(rng, (24.0, 34.0)),
+            "width_mm": draw(rng, (10.0, 16.0)),
             "code": float(rng.integers(0, 2**31 - 1)),
         }
     return Appearance(
         domain=domain.name,
         film=str(rng.choice(domain.films)),
         lighting=str(rng.choice(domain.lighting)),
-        light_intensity=_uniform(rng, domain.light_intensity),
-        light_warmth=_uniform(rng, domain.light_warmth),
-        ring_radius_mm=_uniform(rng, domain.ring_radius_mm),
-        ring_height_mm=_uniform(rng, domain.ring_height_mm),
-        bar_offset_mm=_uniform(rng, domain.bar_offset_mm),
-        bar_height_mm=_uniform(rng, domain.bar_height_mm),
-        bar_angle_deg=_uniform(rng, (0.0, 360.0)),
-        room_light=_uniform(rng, domain.room_light),
-        room_angle_deg=_uniform(rng, (0.0, 360.0)),
-        camera_height_mm=_uniform(rng, domain.camera_height_mm),
-        exposure=_uniform(rng, domain.exposure),
-        read_noise=_uniform(rng, domain.read_noise),
-        shot_noise=_uniform(rng, domain.shot_noise),
-        blur_sigma_px=_uniform(rng, domain.blur_sigma_px),
-        vignetting=_uniform(rng, domain.vignetting),
+        light_intensity=draw(rng, domain.light_intensity),
+        light_warmth=draw(rng, domain.light_warmth),
+        ring_radius_mm=draw(rng, domain.ring_radius_mm),
+        ring_height_mm=draw(rng, domain.ring_height_mm),
+        bar_offset_mm=draw(rng, domain.bar_offset_mm),
+        bar_height_mm=draw(rng, domain.bar_height_mm),
+        bar_angle_deg=draw(rng, (0.0, 360.0)),
+        room_light=draw(rng, domain.room_light),
+        room_angle_deg=draw(rng, (0.0, 360.0)),
+        camera_height_mm=draw(rng, domain.camera_height_mm),
+        exposure=draw(rng, domain.exposure),
+        read_noise=draw(rng, domain.read_noise),
+        shot_noise=draw(rng, domain.shot_noise),
+        blur_sigma_px=draw(rng, domain.blur_sigma_px),
+        vignetting=draw(rng, domain.vignetting),
         jpeg_quality=int(rng.integers(domain.jpeg_quality[0], domain.jpeg_quality[1] + 1)),
-        belt_grey=_uniform(rng, domain.belt_grey),
+        belt_grey=draw(rng, domain.belt_grey),
         label=label,
     )
 
@@ -227,24 +223,24 @@ def sample_scene(
         else:
             mix = str(rng.choice(names, p=np.asarray(weights) / sum(weights)))
         if mix in ("swollen", "both"):
-            swelling = _uniform(rng, (limit * 1.02, MAX_SWELLING_MM))
+            swelling = draw(rng, (limit * 1.02, MAX_SWELLING_MM))
         if mix in ("deformed", "both"):
             kind = str(rng.choice(kinds))
             low, high = _DEFECT_SEVERITY
-            magnitude = spec.deformation_limits.limit(kind) * _uniform(rng, (low, high))
+            magnitude = spec.deformation_limits.limit(kind) * draw(rng, (low, high))
             deformations.append(sample_deformation(rng, spec, kind, magnitude))
     else:
         if rng.random() < _OK_SWELLING_P:
-            swelling = _uniform(rng, (0.0, limit * 0.98))
+            swelling = draw(rng, (0.0, limit * 0.98))
         if kinds and rng.random() < cosmetic_rate:
             kind = str(rng.choice(kinds))
-            magnitude = spec.deformation_limits.limit(kind) * _uniform(rng, (0.1, 0.5))
+            magnitude = spec.deformation_limits.limit(kind) * draw(rng, (0.1, 0.5))
             deformations.append(sample_deformation(rng, spec, kind, magnitude))
     appearance = sample_appearance(rng, domain)
     pose = Pose(
-        x_mm=_uniform(rng, (-domain.max_shift_mm, domain.max_shift_mm)),
-        y_mm=_uniform(rng, (-domain.max_shift_mm, domain.max_shift_mm)),
-        rotation_deg=_uniform(rng, (-domain.max_rotation_deg, domain.max_rotation_deg)),
+        x_mm=draw(rng, (-domain.max_shift_mm, domain.max_shift_mm)),
+        y_mm=draw(rng, (-domain.max_shift_mm, domain.max_shift_mm)),
+        rotation_deg=draw(rng, (-domain.max_rotation_deg, domain.max_rotation_deg)),
     )
     return CellScene(
         spec=spec,

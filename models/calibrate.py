@@ -170,11 +170,12 @@ def calibrate(models: list[Path], good: list[Path], defects: list[Path], *, defe
         "defective_caught": float((defect_scores > limits).any(axis=1).mean()),
         "calibrated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    typed = CalibrationRecord.model_validate(record)
     for view, model in loaded.items():
         mine = {flag: float(limit) for (owner, flag), limit in zip(flags, limits) if owner == view}
         meta = model.meta.model_copy(update={
             "thresholds": {name: mine[name] for name in model.meta.thresholds}, "anomaly_threshold": mine[ANOMALY],
-            "target_frr": target_frr, "calibration": CalibrationRecord.model_validate(record),
+            "target_frr": target_frr, "calibration": typed,
         })
         metadata_path(model.path).write_text(meta.model_dump_json(indent=2))
     return {**record, "target_frr": target_frr,

@@ -524,6 +524,7 @@ def test_a_worker_killed_mid_lot_loses_no_cell() -> None:
         deadline = time.monotonic() + 30
         while len(cells.decided) < 60 and time.monotonic() < deadline:
             time.sleep(0.01)
+        deadline = time.monotonic() + 10  # its own wait: a slow start must not use it up
         while time.monotonic() < deadline and not any(  # killed while it holds frames (it keeps each a few ms)
                 worker["name"] == "inspect-0" and worker["held"] for worker in station.server.stats()["workers"]):
             time.sleep(0.0005)
@@ -535,7 +536,7 @@ def test_a_worker_killed_mid_lot_loses_no_cell() -> None:
         transport = station.stop()["transport"]
     assert len(verdicts) == count
     assert not any("missing_view" in verdict.reasons for verdict in verdicts.values())
-    assert transport["redelivered"] >= 1  # the dead worker's frames went to the living one
+    assert transport.get("redelivered", 0) >= 1  # the dead worker's frames went to the living one
     assert restarted == 1 and final["workers"]["inspect-0"]["restarts"] == 1
 
 

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pouchline.datasets.domain import load_domain
+from pouchline.datasets.domain import KNOBS, draw, load_domain
 from pouchline.datasets.records import DEFORMATION_KINDS
 from pouchline.datasets.render import RenderedFrame, render, render_side, render_top
 from pouchline.datasets.scene import CellScene, sample_scene
@@ -147,6 +147,29 @@ def test_held_out_domain_shares_no_film_with_training() -> None:
     assert not set(load_domain("heldout").films) & set(DOMAIN.films)
 
 
+def _bands(knob: tuple[float, float] | list[tuple[float, float]]) -> list[tuple[float, float]]:
+    return [knob] if isinstance(knob, tuple) else knob
+
+
+def test_held_out_domain_overlaps_no_training_band() -> None:
+    """Held-out values lie in gaps between training bands or beyond them (ends may touch)."""
+    held = load_domain("heldout")
+    for name in KNOBS:
+        (low, high), = _bands(getattr(held, name))
+        for band_low, band_high in _bands(getattr(DOMAIN, name)):
+            assert high <= band_low or low >= band_high, f"{name}: held-out [{low}, {high}] overlaps [{band_low}, {band_high}]"
+
+
+def test_a_knob_with_bands_draws_from_each_in_proportion_and_never_between() -> None:
+    rng = np.random.default_rng(3)
+    values = np.array([draw(rng, [(40.0, 90.0), (110.0, 140.0)]) for _ in range(20000)])
+    assert values.min() >= 40 and values.max() <= 140 and not ((values > 90) & (values < 110)).any()
+    assert abs((values >= 110).mean() - 30 / 80) < 0.015
+    # One range takes the same single number from the generator as before bands existed.
+    first, second = np.random.default_rng(5), np.random.default_rng(5)
+    assert [draw(first, (60.0, 90.0)) for _ in range(5)] == [float(second.uniform(60.0, 90.0)) for _ in range(5)]
+
+
 def test_domain_file_errors_name_file_and_field(tmp_path: Path) -> None:
     path = tmp_path / "line7.json"
     data = json.loads(json.dumps(DOMAIN.model_dump()))
@@ -159,6 +182,10 @@ def test_domain_file_errors_name_file_and_field(tmp_path: Path) -> None:
     data["read_noise"] = [0.02, 0.01]
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="read_noise"):
+        load_domain(str(path))
+    data["read_noise"] = [[0.004, 0.012], [0.01, 0.02]]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"field 'read_noise': .*without overlap"):
         load_domain(str(path))
     path.write_text("{\n  'films': }")
     with pytest.raises(ValueError, match=r"line7\.json: line \d+: not valid JSON"):
