@@ -29,14 +29,19 @@ KNOBS = ("light_intensity", "light_warmth", "ring_radius_mm", "ring_height_mm", 
          "belt_grey")
 
 
+def bands(knob: Knob) -> list[Range]:
+    """A knob's ranges as a list: one range is a single band."""
+    return [knob] if isinstance(knob, tuple) else knob
+
+
 def _checked(value: Knob) -> Knob:
-    bands = [value] if isinstance(value, tuple) else value
-    if not bands:
+    ranges = bands(value)
+    if not ranges:
         raise ValueError("a list of bands needs at least one [low, high] range")
-    for low, high in bands:
+    for low, high in ranges:
         if low > high:
             raise ValueError(f"range [{low}, {high}] has its low end above its high end")
-    for (_, high), (low, _) in zip(bands, bands[1:]):
+    for (_, high), (low, _) in zip(ranges, ranges[1:]):
         if low <= high:
             raise ValueError(f"bands must be in rising order without overlap ({low} is not above {high})")
     return value

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pouchline.datasets.domain import KNOBS, draw, load_domain
+from pouchline.datasets.domain import KNOBS, bands, draw, load_domain
 from pouchline.datasets.records import DEFORMATION_KINDS
 from pouchline.datasets.render import RenderedFrame, render, render_side, render_top
 from pouchline.datasets.scene import CellScene, sample_scene
@@ -147,16 +147,12 @@ def test_held_out_domain_shares_no_film_with_training() -> None:
     assert not set(load_domain("heldout").films) & set(DOMAIN.films)
 
 
-def _bands(knob: tuple[float, float] | list[tuple[float, float]]) -> list[tuple[float, float]]:
-    return [knob] if isinstance(knob, tuple) else knob
-
-
 def test_held_out_domain_overlaps_no_training_band() -> None:
     """Held-out values lie in gaps between training bands or beyond them (ends may touch)."""
     held = load_domain("heldout")
     for name in KNOBS:
-        (low, high), = _bands(getattr(held, name))
-        for band_low, band_high in _bands(getattr(DOMAIN, name)):
+        (low, high), = bands(getattr(held, name))
+        for band_low, band_high in bands(getattr(DOMAIN, name)):
             assert high <= band_low or low >= band_high, f"{name}: held-out [{low}, {high}] overlaps [{band_low}, {band_high}]"
 
 
