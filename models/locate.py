@@ -2,14 +2,17 @@
 
 One function, `locate`, used identically by training, evaluation and live inspection, so
 the detector always sees crops made the same way. The cell is segmented by its difference
-from the belt (the belt's colour is read off the frame's border), its outline's minimum-area
-rectangle gives position and rotation, and the tab end (the outline's narrow end) is turned
-to the right. Needs only OpenCV and NumPy (no torch), so the runtime can use it.
+from the belt (the belt's colour is read off the frame's border), the minimum-area rectangle
+around its pieces (one for most cells; a dark cell on a dark belt may show only its seal's
+edge, the light's reflection and its tabs) gives position and rotation, and the tab end is
+turned to the right. The belt is taken to be clear but for the cell and the edge of the
+next one. Needs only OpenCV and NumPy (no torch), so the runtime can use it.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +29,8 @@ _SCALE = 0.25
 #: A cell must cover this share of the frame; its outline may not come closer to the border.
 _MIN_AREA = 0.03
 _BORDER_PX = 1
+#: Smallest extent of a separate piece of the cell (share of the frame's shorter side).
+_MIN_PIECE = 0.08
 _MIN_CONTRAST = 10
 
 
@@ -142,6 +147,22 @@ def _tabs_on_left(mask: np.ndarray, matrix: np.ndarray) -> bool:
     return float(fill[3:9].mean()) < float(fill[-9:-3].mean())
 
 
+def _touches_border(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> bool:
+    x, y, w, h = box
+    return x <= _BORDER_PX or y <= _BORDER_PX or x + w >= shape[1] - _BORDER_PX or y + h >= shape[0] - _BORDER_PX
+
+
+def _pieces(contours: Sequence[np.ndarray], biggest: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """The other pieces of the same cell: outline runs and tabs that the mask did not join to
+    the biggest piece (dark film on a dark belt shows little more than its seal's edge and the
+    bright tabs). A piece counts when it is long (`_MIN_PIECE` of the frame's shorter side),
+    which belt texture and noise are not, and clear of the frame's edge, where a neighbouring
+    cell would enter."""
+    least = _MIN_PIECE * min(shape[:2])
+    boxes = [(contour, cv2.boundingRect(contour)) for contour in contours if contour is not biggest]
+    return [contour for contour, box in boxes if max(box[2], box[3]) >= least and not _touches_border(box, shape)]
+
+
 def locate(image: np.ndarray, crop_size: tuple[int, int] = CROP_SIZE) -> Located:
     """Find the cell in a top-view frame (BGR or grayscale) and crop it, tabs to the right."""
     if image.ndim not in (2, 3) or image.shape[0] < 32 or image.shape[1] < 32:
@@ -153,10 +174,10 @@ def locate(image: np.ndarray, crop_size: tuple[int, int] = CROP_SIZE) -> Located
     biggest = max(contours, key=cv2.contourArea)
     if cv2.contourArea(biggest) < _MIN_AREA * mask.size:
         return Located("no_cell")
-    x, y, w, h = cv2.boundingRect(biggest)
-    if x <= _BORDER_PX or y <= _BORDER_PX or x + w >= mask.shape[1] - _BORDER_PX or y + h >= mask.shape[0] - _BORDER_PX:
+    if _touches_border(cv2.boundingRect(biggest), mask.shape):
         return Located("partial_cell")
-    (cx, cy), (rw, rh), angle = cv2.minAreaRect(cv2.convexHull(biggest).astype(np.float32) / _SCALE)
+    outline = np.concatenate([biggest, *_pieces(contours, biggest, mask.shape)])
+    (cx, cy), (rw, rh), angle = cv2.minAreaRect(cv2.convexHull(outline).astype(np.float32) / _SCALE)
     if rw < rh:
         rw, rh, angle = rh, rw, angle + 90.0
     full_mask = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)

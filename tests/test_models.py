@@ -44,11 +44,12 @@ def frame(index: int, seed: int = 5, defect_rate: float = 0.3) -> np.ndarray:
 
 
 def test_locate_finds_the_cell_and_turns_the_tabs_right() -> None:
-    """Every cell is found; a black cell on a dark belt, barely apart from it but for the
-    light's reflection, is still sometimes turned wrong (6 of the first 300 of this seed, all
-    black; README, issue #3), any other film never."""
+    """Every cell is found. A black cell on a dark belt shows little more than its seal's edge,
+    the light's reflection and its tabs, in pieces the mask does not join; locate takes them all
+    (before, it took the biggest piece and turned 6 of these 300 cells wrong, some by 180
+    degrees). A few black cells are still a few degrees off, any other film never."""
     wrong = []
-    for index in range(100):
+    for index in range(300):
         scene = sample_scene(5, index, spec=SPEC, domain=DOMAIN, defect_rate=0.3)
         located = locate(render_top(scene).image)
         assert located.status == "ok"
@@ -56,7 +57,7 @@ def test_locate_finds_the_cell_and_turns_the_tabs_right() -> None:
         error = (located.angle_deg - scene.pose.rotation_deg + 180) % 360 - 180
         if abs(error) >= 2.0:
             wrong.append((index, scene.appearance.film, round(error, 1)))
-    assert len(wrong) <= 3 and all(film == "black" for _, film, _ in wrong), wrong
+    assert len(wrong) <= 3 and all(film == "black" and abs(error) < 10 for _, film, error in wrong), wrong
 
 
 def test_locate_reports_no_cell_and_partial_cell() -> None:
@@ -67,6 +68,12 @@ def test_locate_reports_no_cell_and_partial_cell() -> None:
     assert locate(image).status == "ok"
     assert locate(np.ascontiguousarray(image[:, 200:])).status == "partial_cell"  # the cell runs off the left edge
     assert locate(np.ascontiguousarray(image[150:])).status == "partial_cell"  # ... and off the top
+    # The next cell's corner entering the frame is not taken for a piece of this one.
+    alone, crowded = locate(image), image.copy()
+    crowded[180:300, 600:] = 230
+    beside = locate(crowded)
+    assert beside.status == "ok" and abs(beside.angle_deg - alone.angle_deg) < 0.5
+    np.testing.assert_allclose(beside.corners, alone.corners, atol=1.0)
     with pytest.raises(ValueError, match="at least 32x32"):
         locate(np.zeros((10, 10), np.uint8))
 
