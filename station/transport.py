@@ -681,6 +681,15 @@ class _Link:
             self.lane.close()
             self.lane = None
 
+    def has_input(self) -> bool:
+        """Whether something waits unread on the socket or the lane (a closed lane reads as
+        input: its end). A link with unread input is not silent, however long since it was
+        last read: reading it tells why (a heartbeat, or the station's lane closing as it
+        exited), which a reconnect for silence would hide."""
+        if self.socket.getsockopt(_EVENTS) & _POLLIN:
+            return True
+        return self.lane is not None and bool(select.select([self.lane], [], [], 0)[0])
+
 
 class FrameClient:
     """The worker's end: connects to stations, receives validated frames, returns credit.
@@ -933,7 +942,7 @@ class FrameClient:
     def _housekeep(self) -> None:
         now = time.monotonic()
         for index, link in enumerate(self._links):
-            if now - link.last_seen > self.settings.timeout_s:
+            if now - link.last_seen > self.settings.timeout_s and not link.has_input():
                 log.warning("worker %s: station at %s silent for %.1f s; reconnecting", self.name, link.endpoint,
                             now - link.last_seen)
                 self.stats["reconnects"] += 1

@@ -15,7 +15,7 @@ import pytest
 from pouchline.station import arena as arena_module
 from pouchline.station.arena import REFERENCE, ArenaReader, ArenaWriter, arena_dir, remove_stale
 from pouchline.station.protocol import REFERENCE_MAGIC, FrameRef, ProtocolError, decode, encode_frame
-from pouchline.station.transport import FrameClient, FrameServer, TransportSettings
+from pouchline.station.transport import FrameClient, FrameServer
 from tests.test_transport import FAST, JPEG, free_port, header, wait_for
 
 KB = 1024
@@ -283,6 +283,9 @@ def test_after_a_station_restart_the_worker_maps_the_new_arena_and_frames_come_b
         old_arena = station._arena.path
         station.close(grace_s=0.5)
         assert not old_arena.exists()
+        # The worker reads nothing for longer than the timeout (as on a loaded machine): what it
+        # then finds waiting, the lane's end, must count before the silence does.
+        time.sleep(2 * FAST.timeout_s)
         restarted = FrameServer(endpoint, station="st1", settings=FAST)
         try:
             deadline = time.monotonic() + 10
