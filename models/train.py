@@ -193,6 +193,7 @@ class Trainer:
         temp.replace(self.run / "checkpoint.pt")
 
     def _normalise(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """NHWC pixels (uint8 or augmented floats) -> the network's normalised channels-last input."""
         batch = torch.as_tensor(crops, dtype=torch.float32)
         return ((batch - self.mean) / self.std).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
@@ -236,8 +237,7 @@ class Trainer:
                     rows = order[step * size : (step + 1) * size]
                     crops, heat = _augment(torch.as_tensor(self.train_set.crops[rows], dtype=torch.float32),
                                            torch.as_tensor(self.train_set.heat[rows]), generator, self.config.view)
-                    x = ((crops - self.mean) / self.std).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-                    loss = self._loss(self.model.forward_all(x), torch.as_tensor(targets[rows]), heat,
+                    loss = self._loss(self.model.forward_all(self._normalise(crops)), torch.as_tensor(targets[rows]), heat,
                                       torch.as_tensor(self.train_set.swelling[rows]),
                                       torch.as_tensor(self.train_set.deformations[rows]))
                     self.optimiser.zero_grad()
