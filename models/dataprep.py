@@ -116,8 +116,9 @@ def prepare(root: Path, split: str | None, *, channels: int, classes: list[str],
     reader = DatasetReader(root)
     aligned = reader.info.aligned_crops
     # The version names what a frame's crop and targets are made by: bump it when locate or
-    # the targets change (v3: locate joins the pieces of a dark cell on a dark belt).
-    key = hashlib.sha256(f"v3:{manifest_hash(root)}:{split}:{channels}:{classes}:{view}:{crop_size_of(view, aligned)}".encode()).hexdigest()[:16]
+    # the targets change (v3: locate joins the pieces of a dark cell on a dark belt; v4: its
+    # edge threshold no longer depends on how many threads OpenCV runs).
+    key = hashlib.sha256(f"v4:{manifest_hash(root)}:{split}:{channels}:{classes}:{view}:{crop_size_of(view, aligned)}".encode()).hexdigest()[:16]
     cache = None if cache_dir is None else cache_dir / f"{split or 'all'}-{key}.npz"
     if cache is not None and cache.exists():
         with np.load(cache, allow_pickle=False) as data:

@@ -82,6 +82,13 @@ def _belt_model(image: np.ndarray) -> tuple[np.ndarray, float]:
     return model, float(np.percentile(residual[keep], 99))
 
 
+def _edge_strength(grey: np.ndarray) -> np.ndarray:
+    """Gradient magnitude. np.hypot, not cv2.magnitude: OpenCV's rounds a little differently
+    from run to run when it shares the image out between threads, and the edge threshold taken
+    from it (so the mask, and a borderline frame's crop) must not move with that."""
+    return np.hypot(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1))
+
+
 def _foreground(image: np.ndarray) -> np.ndarray:
     """Binary mask of the cell at `_SCALE` resolution.
 
@@ -96,7 +103,7 @@ def _foreground(image: np.ndarray) -> np.ndarray:
     belt, belt_noise = _belt_model(small)
     diff = cv2.GaussianBlur(np.abs(small.astype(np.float32) - belt).max(axis=2), (3, 3), 0)
     grey = cv2.GaussianBlur(small.max(axis=2), (3, 3), 0)
-    belt_edges = _border(cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1)))
+    belt_edges = _border(_edge_strength(grey))
     low = max(4.0 * float(np.percentile(belt_edges, 75)), 2.0 * _MIN_CONTRAST)
     edges = cv2.Canny(grey, low, 2.0 * low, L2gradient=True)  # hysteresis keeps faint outline runs
     mask = (diff > max(2.5 * belt_noise, _MIN_CONTRAST)).astype(np.uint8) * 255
