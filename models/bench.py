@@ -95,8 +95,8 @@ def _torch_runner(weights: Path, model: Path, threads: int) -> Callable[[np.ndar
     detector = Detector(meta.input.channels, len(meta.outputs))
     detector.load_state_dict(state["detector"])
     calibration = (meta.swelling_calibration["scale"], meta.swelling_calibration["offset"])
-    deployed = Deployed(detector, meta.input.mean, meta.input.std, meta.multilabel, state["centre"], state["whitening"],
-                        calibration).eval()
+    deployed = Deployed(detector, meta.input.mean, meta.input.std, meta.multilabel, meta.mirror_average, state["centre"],
+                        state["whitening"], calibration).eval()
 
     def run(batch: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():

@@ -58,6 +58,13 @@ def crop_size_of(view: str, aligned_crops: bool) -> tuple[int, int]:
     return SIDE_CROP_SIZE if view == "side" and not aligned_crops else CROP_SIZE
 
 
+def mirrors(view: str) -> bool:
+    """Whether crops of ``view`` are mirrored across their long axis, in training (augmentation)
+    and at inference (`Detector.infer`): a mirrored top-view crop is another valid cell, a
+    mirrored side-view crop is not (the belt is always below)."""
+    return view != "side"
+
+
 def align(image: np.ndarray, aligned_crops: bool, view: str = "top") -> Located:
     """The one way frames become crops, for training, evaluation and inspection alike."""
     if aligned_crops:

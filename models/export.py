@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pouchline.datasets.records import DEFORMATION_KINDS
-from pouchline.models.dataprep import HEAT_STRIDE, Prepared, crop_size_of, prepare
+from pouchline.models.dataprep import HEAT_STRIDE, Prepared, crop_size_of, mirrors, prepare
 from pouchline.models.inference import bare_runner
 from pouchline.models.metadata import OUTPUT_NAMES, InputSpec, ModelError, ModelMetadata, file_sha256, metadata_path
 from pouchline.models.metrics import auroc
@@ -52,8 +52,8 @@ def export_fp32(run: Path, out: Path) -> None:
     detector.load_state_dict(torch.load(run / "detector.pt", weights_only=True))
     swelling = calibration.get("swelling", {"scale": 1.0, "offset": 0.0})
     deployed = Deployed(detector, described["mean"], described["std"], described["multilabel"],
-                        torch.tensor(calibration["centre"]), torch.tensor(calibration["whitening"]),
-                        (swelling["scale"], swelling["offset"])).eval()
+                        mirrors(described["config"]["view"]), torch.tensor(calibration["centre"]),
+                        torch.tensor(calibration["whitening"]), (swelling["scale"], swelling["offset"])).eval()
     width, height = crop_size_of(described["config"]["view"], described["dataset"]["aligned_crops"])
     example = torch.zeros((2, height, width, channels), dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +159,7 @@ def _metadata(model: Path, precision: str, described: dict[str, Any], calibratio
         ),
         outputs=described["outputs"],
         multilabel=described["multilabel"],
+        mirror_average=mirrors(described["config"]["view"]),
         thresholds=calibration["thresholds"],
         anomaly_threshold=calibration["anomaly_threshold"],
         target_frr=calibration["target_frr"],

@@ -65,6 +65,10 @@ class ModelMetadata(BaseModel):
     input: InputSpec
     outputs: list[str] = Field(min_length=1, description="Names of the `probs` columns.")
     multilabel: bool = Field(description="probs are independent sigmoids (True) or a softmax (False).")
+    mirror_average: bool = Field(
+        False, description="The graph scores each crop together with its mirror image across the long axis and "
+                           "reports the pair's average (probabilities, heat map, swelling; the anomaly score is the "
+                           "crop's own): twice the compute of one pass. Top views; never side views.")
     thresholds: dict[str, float] = Field(
         description="Per-output probability above which a cell is flagged (multi-label); empty for multi-class models."
     )

@@ -8,6 +8,14 @@ A compact CNN, trained from scratch, on the aligned cell crop:
 * a coarse defect heat map from the 1/8-resolution stage;
 * the swelling estimate in mm (the "virtual thickness gauge").
 
+A top-view crop mirrored across its long axis is another valid cell, and training shows the
+network both (`pouchline.models.dataprep.mirrors`). At inference the crop and its mirror image
+are scored together and their probabilities averaged (`Detector.infer`): the two scores of one
+cell often disagree, and their average leaves fewer good cells scoring high (they set the
+threshold) and fewer defects scoring low. On the banded test set the top model shipped before
+this caught 78 % of top-view deformations at 0.25 % false rejects alone, 88 % as a pair. It costs
+twice the compute per crop, which is small next to locating the cell.
+
 `Deployed` wraps it for ONNX: it takes uint8 NHWC crops, bakes in the normalisation and
 the swelling calibration (a linear correction fitted on validation), and adds the anomaly
 score. That score is the Mahalanobis distance of the pooled embedding
@@ -65,6 +73,26 @@ class Detector(nn.Module):
         features = torch.cat([embedding, hottest], dim=1)
         return self.classes(features), heat, self.swelling(embedding)[:, 0], embedding, self.kinds(features)
 
+    def infer(self, x: torch.Tensor, multilabel: bool, mirror: bool) -> tuple[torch.Tensor, ...]:
+        """Input -> (class probabilities, heat-map probabilities, swelling, embedding), as deployed:
+        with ``mirror``, scored together with its mirror image (rows reversed; see `score`)."""
+        return self.score(torch.cat([x, x.flip(2)]) if mirror else x, multilabel, mirror)
+
+    def score(self, batch: torch.Tensor, multilabel: bool, paired: bool) -> tuple[torch.Tensor, ...]:
+        """`infer` on a batch built already: ``paired``, its second half is its first half's
+        mirror image, and each crop gets the pair's average probabilities, heat map (turned
+        back) and swelling. The embedding stays the crop's own, so the anomaly score's Gaussian
+        (fitted on it) holds. The halves are split by reshapes, not by the batch's size: the
+        graph then reads no shapes at run time."""
+        logits, heat, swelling, embedding = self(batch)
+        probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+        heat = torch.sigmoid(heat)
+        if not paired:
+            return probs, heat, swelling, embedding
+        heat = heat.reshape(2, -1, heat.shape[1], heat.shape[2])
+        return (probs.reshape(2, -1, probs.shape[1]).mean(dim=0), (heat[0] + heat[1].flip(1)) / 2,
+                swelling.reshape(2, -1).mean(dim=0), embedding.reshape(2, -1, embedding.shape[1])[0])
+
 
 class _FoldedStem(nn.Module):
     """The stem convolution with its batch norm *and the input normalisation* folded in.
@@ -93,21 +121,24 @@ class _FoldedStem(nn.Module):
 class Deployed(nn.Module):
     """What the ONNX file computes: uint8 NHWC crops in, probabilities and scores out."""
 
-    def __init__(self, detector: Detector, mean: float, std: float, multilabel: bool,
+    def __init__(self, detector: Detector, mean: float, std: float, multilabel: bool, mirror: bool,
                  centre: torch.Tensor, whitening: torch.Tensor, swelling: tuple[float, float] = (1.0, 0.0)) -> None:
         super().__init__()
         self.detector = copy.deepcopy(detector).eval()
         self.detector.stem = _FoldedStem(detector.stem, mean, 1.0 / std)
         self.multilabel = multilabel
+        self.mirror = mirror
         self.register_buffer("centre", centre.to(torch.float32))
         self.register_buffer("whitening", whitening.to(torch.float32))
         self.register_buffer("swelling_scale", torch.tensor(swelling[0], dtype=torch.float32))
         self.register_buffer("swelling_offset", torch.tensor(swelling[1], dtype=torch.float32))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, heat, swelling, embedding = self.detector(image.permute(0, 3, 1, 2).to(torch.float32))
-        probs = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
+        # The mirror pair is made of the raw pixels, so the INT8 stem takes it as its input (see stemquant).
+        pixels = torch.cat([image, image.flip(1)]) if self.mirror else image
+        probs, heat, swelling, embedding = self.detector.score(pixels.permute(0, 3, 1, 2).to(torch.float32),
+                                                               self.multilabel, self.mirror)
         white = (embedding - self.centre) @ self.whitening
         anomaly = torch.sqrt((white * white).sum(dim=1))
         swelling_mm = torch.relu(swelling * self.swelling_scale + self.swelling_offset)
-        return probs, torch.sigmoid(heat), swelling_mm, anomaly
+        return probs, heat, swelling_mm, anomaly

@@ -205,6 +205,11 @@ Each outputs:
 - an anomaly score: the Mahalanobis distance from good cells in embedding space, computed
   inside the ONNX graph.
 
+The top model scores each crop together with its mirror image across the long axis and
+reports the pair's average (the anomaly score excepted; training mirrors crops the same
+way): twice the compute per crop, fewer good cells scoring high and fewer defects scoring
+low. The side model does not (a mirrored side view is no cell: the belt is always below).
+
 The line rejects a cell when any view flags it (worst view wins).
 
 Files, for each `NAME`:

@@ -69,8 +69,9 @@ def _grouped_weights(weight: np.ndarray, channels: int) -> np.ndarray:
 def quantise_stem(model: ModelProto, mean: float) -> None:
     """Rewrite, in place, the float stem of a quantised detector graph (see the module doc).
 
-    Expects what `pouchline.models.export` writes: input ``image`` (N, H, W, C) uint8 ->
-    Transpose -> Cast -> Pad -> Conv (3x3, stride 2) -> Relu -> QuantizeLinear -> DequantizeLinear.
+    Expects what `pouchline.models.export` writes: input ``image`` (N, H, W, C) uint8 (or its
+    mirror pair, a Concat of it) -> Transpose -> Cast -> Pad -> Conv (3x3, stride 2) -> Relu ->
+    QuantizeLinear -> DequantizeLinear.
     Anything else is a `ModelError` (a changed network must change this too)."""
     from onnx import helper, numpy_helper
 
@@ -78,7 +79,10 @@ def quantise_stem(model: ModelProto, mean: float) -> None:
     image = graph.input[0]
     dims = [d.dim_value for d in image.type.tensor_type.shape.dim]
     height, width, channels = dims[1], dims[2], dims[3]
-    permute = _single(graph, image.name, "Transpose")
+    # A top-view model scores each crop with its mirror image: the stem's input is then the
+    # pair, concatenated from the raw pixels (`Deployed`), and that is what gets grouped.
+    pixels = next((node.output[0] for node in _consumers(graph, image.name) if node.op_type == "Concat"), image.name)
+    permute = _single(graph, pixels, "Transpose")
     cast = _single(graph, permute.output[0], "Cast")
     pad = _single(graph, cast.output[0], "Pad")
     conv = _single(graph, pad.output[0], "Conv")
@@ -121,7 +125,7 @@ def quantise_stem(model: ModelProto, mean: float) -> None:
     for consumer in _consumers(graph, stem_out):
         consumer.input[:] = [f"{new}_q_nchw" if name == stem_out else name for name in consumer.input]
     front = [
-        helper.make_node("Reshape", [image.name, f"{new}_in_shape"], [f"{new}_x_nhwc"], name=f"{new}_group_pixels"),
+        helper.make_node("Reshape", [pixels, f"{new}_in_shape"], [f"{new}_x_nhwc"], name=f"{new}_group_pixels"),
         helper.make_node("Transpose", [f"{new}_x_nhwc"], [f"{new}_x_nchw"], name=f"{new}_to_nchw", perm=[0, 3, 1, 2]),
         helper.make_node("DequantizeLinear", [f"{new}_x_nchw", f"{new}_x_scale", f"{new}_x_zero_point"],
                          [f"{new}_x"], name=f"{new}_x_dequantise"),
@@ -141,7 +145,8 @@ def quantise_stem(model: ModelProto, mean: float) -> None:
     dropped = {permute.name, cast.name, pad.name, conv.name}
     kept = [node for node in graph.node if node.name not in dropped]
     at = kept.index(quantise) + 1
-    nodes = front + kept[:at] + back + kept[at:]
+    made = next((index for index, node in enumerate(kept) if pixels in node.output), -1)  # -1: the graph input
+    nodes = kept[: made + 1] + front + kept[made + 1 : at] + back + kept[at:]
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for node in graph.node for name in node.input}

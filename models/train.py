@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from pouchline.datasets.manifest import DatasetError, DatasetReader
-from pouchline.models.dataprep import Prepared, manifest_hash, prepare
+from pouchline.models.dataprep import Prepared, manifest_hash, mirrors, prepare
 from pouchline.models.metrics import auroc, recall, threshold_at_frr
 from pouchline.models.network import Detector
 
@@ -107,7 +107,7 @@ def _augment(batch: torch.Tensor, heat: torch.Tensor, generator: torch.Generator
     not (the belt is always below). A side-view crop is blurred instead: its silhouette's edge
     is where thickness is read, and how sharp that edge is depends on the camera."""
     n = batch.shape[0]
-    mirror = view != "side"
+    mirror = mirrors(view)
     gain = torch.empty(n, 1, 1, 1).uniform_(0.75, 1.25, generator=generator)
     offset = torch.empty(n, 1, 1, 1).uniform_(-12.0, 12.0, generator=generator)
     noise = torch.randn(batch.shape, generator=generator) * torch.empty(n, 1, 1, 1).uniform_(0.0, 5.0, generator=generator)
@@ -258,12 +258,14 @@ class Trainer:
 
     @torch.no_grad()
     def predict(self, prepared: Prepared) -> dict[str, np.ndarray]:
-        """Probabilities, swelling and embeddings of a prepared set (evaluation mode)."""
+        """Probabilities, swelling and embeddings of a prepared set, as the exported graph computes them."""
         self.model.eval()
         probs, swelling, embeddings = [], [], []
+        mirror = mirrors(self.config.view)
         for start in range(0, len(prepared), 256):
-            logits, _, mm, embedding = self.model(self._normalise(prepared.crops[start : start + 256]))
-            probs.append(torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1))
+            prob, _, mm, embedding = self.model.infer(self._normalise(prepared.crops[start : start + 256]),
+                                                      self.multilabel, mirror)
+            probs.append(prob)
             swelling.append(torch.relu(mm))
             embeddings.append(embedding)
         return {"probs": torch.cat(probs).numpy(), "swelling": torch.cat(swelling).numpy(),

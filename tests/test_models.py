@@ -156,6 +156,23 @@ def test_onnx_matches_pytorch_and_takes_any_batch(tiny: dict[str, Path]) -> None
             np.testing.assert_allclose(value, torch_out[name], rtol=1e-3, atol=1e-4, err_msg=name)
 
 
+def test_a_top_view_model_scores_a_crop_and_its_mirror_image_alike(tiny: dict[str, Path]) -> None:
+    """Top-view crops are scored together with their mirror image (the pair's average), so a
+    crop and its mirror image get the same probabilities and swelling and mirrored heat maps,
+    in FP32 and INT8; the anomaly score stays each crop's own."""
+    from pouchline.models.export import score_outputs
+
+    assert json.loads(metadata_path(tiny["model"]).read_text())["mirror_average"] is True
+    crops = np.stack([Inferencer(tiny["model"]).pre_process(frame(i))[0] for i in range(8)])
+    mirrored = np.ascontiguousarray(crops[:, ::-1])
+    for model in (tiny["model"], tiny["int8"]):
+        straight, flipped = score_outputs(model, crops), score_outputs(model, mirrored)
+        np.testing.assert_allclose(flipped["probs"], straight["probs"], atol=1e-5)
+        np.testing.assert_allclose(flipped["swelling_mm"], straight["swelling_mm"], atol=1e-5)
+        np.testing.assert_allclose(flipped["heatmap"], straight["heatmap"][:, ::-1], atol=1e-5)
+        assert not np.allclose(flipped["anomaly"], straight["anomaly"])
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_int8_stem_rewrite_is_the_same_convolution(channels: int) -> None:
     """The stem's 3x3 stride-2 kernel over pixels equals the 3x2 kernel over groups of 4 pixels."""
@@ -181,7 +198,11 @@ def test_int8_graph_takes_pixels_straight_into_quantised_convolutions(tiny: dict
     graph = onnx.load(str(tiny["int8"])).graph
     ops = [node.op_type for node in graph.node]
     assert "Pad" not in ops and "Cast" not in ops  # no float stem left
-    assert all(node.input[0] != "image" or node.op_type == "Reshape" for node in graph.node)
+    # uint8 all the way into the stem's grouping reshape: the crop and its mirror image (rows
+    # reversed by a Slice) are paired as pixels, and the pair is what the stem groups.
+    assert sorted(node.op_type for node in graph.node if "image" in node.input) == ["Concat", "Slice"]
+    pair = next(node.output[0] for node in graph.node if node.op_type == "Concat" and "image" in node.input)
+    assert [node.op_type for node in graph.node if pair in node.input] == ["Reshape"]
     crops = np.stack([Inferencer(tiny["model"]).pre_process(frame(i))[0] for i in range(32)])
     fp32, int8 = score_outputs(tiny["model"], crops), score_outputs(tiny["int8"], crops)
     np.testing.assert_allclose(int8["probs"], fp32["probs"], atol=0.05)
@@ -399,6 +420,7 @@ def test_side_model_exports_its_own_input_and_runs_int8(tiny_side: dict[str, Pat
     meta = json.loads(metadata_path(tiny_side["model"]).read_text())
     assert meta["input"]["view"] == "side" and (meta["input"]["width"], meta["input"]["height"]) == SIDE_CROP_SIZE
     assert meta["name"] == "tiny-side" and meta["metrics"]["val_swelling_mae_mm"] >= 0
+    assert meta["mirror_average"] is False  # a mirrored side view is no cell: the belt is always below
     for path in (tiny_side["model"], tiny_side["int8"]):
         model = Inferencer(path)
         scene = sample_scene(3, 0, spec=SPEC, domain=DOMAIN, defect_rate=0.4)
