@@ -21,15 +21,14 @@ SPEC, DOMAIN = CellSpec(), load_domain("default")
 
 
 def _cells() -> tuple[list[np.ndarray], list[str]]:
-    """Flat good cells, badly swollen cells and clearly dented cells, rendered fresh."""
+    """12 flat good cells, 12 badly swollen cells and 36 clearly dented cells, rendered fresh."""
     images, truth = [], []
-    for index in range(12):
+    for index in range(36):
         base = sample_scene(4242, index, spec=SPEC, domain=DOMAIN, defect_rate=0.0)
         flat = replace(base, swelling_mm=0.0, deformations=())
-        images.append(render_top(flat).image)
-        truth.append("ok")
-        images.append(render_top(replace(flat, swelling_mm=2.5)).image)
-        truth.append("swollen")
+        if index < 12:
+            images += [render_top(flat).image, render_top(replace(flat, swelling_mm=2.5)).image]
+            truth += ["ok", "swollen"]
         dent: Deformation = sample_deformation(np.random.default_rng(index), SPEC, "dent", 1.5)
         images.append(render_top(replace(flat, deformations=(dent,))).image)
         truth.append("deformed")
@@ -60,7 +59,8 @@ def test_shipped_model_sees_obvious_defects(model: Path) -> None:
         else:
             caught[label] += label in defects
     # Every badly swollen cell; dents at 5x the limit are not all caught yet (issue #3 is open
-    # on deformed recall), but a model that misses more than one in twelve is broken.
-    assert caught["swollen"] == 12 and caught["deformed"] >= 11, caught
+    # on deformed recall), but a model that misses more than one in twelve is broken. (Judged
+    # on 36 dents: on 12, a sound model misses two about one time in eight.)
+    assert caught["swollen"] == 12 and caught["deformed"] >= 33, caught
     swollen = [p.swelling_mm for p, label in zip(predictions, truth) if label == "swollen"]
     assert abs(float(np.mean(swollen)) - 2.5) < 0.3
