@@ -14,7 +14,8 @@ are scored together and their probabilities averaged (`Detector.infer`): the two
 cell often disagree, and their average leaves fewer good cells scoring high (they set the
 threshold) and fewer defects scoring low. On the banded test set the top model shipped before
 this caught 78 % of top-view deformations at 0.25 % false rejects alone, 88 % as a pair. It costs
-twice the compute per crop, which is small next to locating the cell.
+twice the network's compute per crop: the whole inspection path's ceiling on this 2-core machine
+fell from 254 to 211 frames/s (`pouchline bench pipeline`, 2026-12-01).
 
 `Deployed` wraps it for ONNX: it takes uint8 NHWC crops, bakes in the normalisation and
 the swelling calibration (a linear correction fitted on validation), and adds the anomaly
