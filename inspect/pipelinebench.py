@@ -30,7 +30,7 @@ from pouchline.inspect.aggregate import Decided
 from pouchline.inspect.benchreport import BenchReport
 from pouchline.inspect.config import SHIPPED_MODEL, BatchSettings, InspectConfig
 from pouchline.inspect.service import InspectService
-from pouchline.station.protocol import FrameHeader, frame_header
+from pouchline.station.protocol import FrameHeader, HeaderStamp
 from pouchline.station.transport import FrameServer, TransportSettings
 
 SIZE = (1280, 960)
@@ -113,16 +113,15 @@ def _station_process(endpoint: str, folder: str, count: int, rate: float, worker
     deadline = time.monotonic() + 60
     while sum(w["local"] for w in server.stats()["workers"]) < workers and time.monotonic() < deadline:
         time.sleep(0.05)
+    stamp = HeaderStamp(v=1, station=_STATION, camera="top", lot="BENCH", view="top", views=1, exposure=None, gain=None,
+                        trigger="source", encoding="jpeg", width=SIZE[0], height=SIZE[1], channels=3, dtype="uint8",
+                        dropped=None, truth=None)
     begin = time.monotonic()
     for seq in range(count):
         if rate:
             time.sleep(max(0.0, begin + seq / rate - time.monotonic()))
         data = payloads[seq % len(payloads)]
-        header = frame_header(v=1, station=_STATION, camera="top", lot="BENCH", cell=f"c{seq:06d}", view="top", views=1,
-                              seq=seq, t_mono_ns=time.monotonic_ns(), t_wall=time.time(), exposure=None, gain=None,
-                              trigger="source", encoding="jpeg", width=SIZE[0], height=SIZE[1], channels=3,
-                              dtype="uint8", nbytes=len(data), dropped=None, truth=None)
-        server.submit(header, data)
+        server.submit(stamp.stamp(f"c{seq:06d}", seq, time.monotonic_ns(), time.time(), len(data)), data)
     server.close()
 
 

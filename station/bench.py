@@ -32,7 +32,7 @@ import numpy as np
 from rich.progress import Progress
 
 from pouchline.inspect.benchreport import BenchReport
-from pouchline.station.protocol import FrameHeader, frame_header
+from pouchline.station.protocol import FrameHeader, HeaderStamp
 from pouchline.station.transport import FrameClient, FrameServer, TransportSettings
 
 System = Literal["pouchline", "pouchline_tcp", "imagezmq_reqrep", "imagezmq_pubsub"]
@@ -75,15 +75,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _header(seq: int, payload: bytes | np.ndarray) -> FrameHeader:
+def _stamp(payload: bytes | np.ndarray) -> HeaderStamp:
+    """The headers of the bench's frames, as a station's camera loop makes them (`HeaderStamp`)."""
     raw = isinstance(payload, np.ndarray)
     height, width = (payload.shape[:2] if raw else (1080, 1920))
-    return frame_header(
-        v=1, station="bench", camera="cam0", lot="LOT-0", cell=f"c{seq}", view="top", views=1, seq=seq,
-        t_mono_ns=time.monotonic_ns(), t_wall=time.time(), exposure=None, gain=None, trigger="external",
-        encoding="raw" if raw else "jpeg", width=width, height=height, channels=3, dtype="uint8",
-        nbytes=payload.nbytes if raw else len(payload), dropped=None, truth=None,
-    )
+    return HeaderStamp(v=1, station="bench", camera="cam0", lot="LOT-0", view="top", views=1, exposure=None, gain=None,
+                       trigger="external", encoding="raw" if raw else "jpeg", width=width, height=height, channels=3,
+                       dtype="uint8", dropped=None, truth=None)
+
+
+def _header(stamp: HeaderStamp, seq: int, payload: bytes | np.ndarray) -> FrameHeader:
+    return stamp.stamp(f"c{seq}", seq, time.monotonic_ns(), time.time(),
+                       payload.nbytes if isinstance(payload, np.ndarray) else len(payload))
 
 
 # -- receivers (child processes) --------------------------------------------------------------
@@ -161,7 +164,8 @@ def _run_case(case: Case, image: np.ndarray, jpeg: bytes) -> dict[str, Any]:
         while not server.stats()["workers"]:
             time.sleep(0.01)
         cpu = time.process_time()  # the sender's CPU until the receiver has everything, I/O thread included
-        _offer(case, lambda seq, data: server.submit(_header(seq, data), data, policy="every"), payload)
+        stamp = _stamp(payload)
+        _offer(case, lambda seq, data: server.submit(_header(stamp, seq, data), data, policy="every"), payload)
         result = json.loads(parent.recv_bytes())
         cpu_s = time.process_time() - cpu
         stats = server.close(grace_s=1.0)

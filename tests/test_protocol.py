@@ -35,6 +35,7 @@ from pouchline.station.protocol import (
     FrameRef,
     FrameHeader,
     FrameTruth,
+    HeaderStamp,
     HeaderValidator,
     Heartbeat,
     Hello,
@@ -682,6 +683,52 @@ def test_fast_header_validation_agrees_with_the_model() -> None:
 
     check()
     assert verdicts["accepted"] > 100 and verdicts["refused"] > 100, verdicts
+
+
+def test_header_stamps_agree_with_the_model() -> None:
+    """`HeaderStamp` (what capture loops use) vs pydantic on the same edited headers: a stamp made
+    of the repeating fields and stamped with the frame's own gives the model's header or refuses
+    what the model refuses, naming fields the model names."""
+    verdicts: Counter[str] = Counter()
+
+    @FUZZ
+    @given(edited_headers())
+    def check(body: dict[str, Any]) -> None:
+        expected = _verdict(FrameHeader.model_validate, body)
+        own = {name: body[name] for name in HeaderValidator.PER_FRAME if name in body}
+        repeating = {name: value for name, value in body.items() if name not in HeaderValidator.PER_FRAME}
+        try:
+            stamp = HeaderStamp(**repeating)
+        except ValidationError as error:
+            assert expected[0] == "refused"
+            # Field by field the same; a whole-model rule (jpeg is uint8) may speak first here, where
+            # the per-frame fields are placeholders the model would have refused before it.
+            assert {(item["loc"], item["type"]) for item in error.errors() if item["loc"]} <= set(expected[1])
+            verdicts["refused by the stamp"] += 1
+            return
+        if len(own) < len(HeaderValidator.PER_FRAME):
+            assert expected[0] == "refused"  # a field is missing; stamp() cannot even be called without it
+            return
+        assert _verdict(lambda _: stamp.stamp(**own), body) == expected
+        verdicts[expected[0]] += 1
+
+    check()
+    assert verdicts["accepted"] > 100 and verdicts["refused"] > 50 and verdicts["refused by the stamp"] > 50, verdicts
+
+
+def test_a_header_stamp_takes_only_what_repeats() -> None:
+    fields = header().model_dump()
+    with pytest.raises(ValueError, match="nbytes, seq, t_mono_ns, t_wall change per frame"):
+        HeaderStamp(**{name: value for name, value in fields.items() if name != "cell"})
+    repeating = {name: value for name, value in fields.items() if name not in HeaderValidator.PER_FRAME}
+    with pytest.raises(ValueError, match="ground truth"):
+        HeaderStamp(**{**repeating, "truth": TRUTH})
+    with pytest.raises(ValidationError, match="lot"):
+        HeaderStamp(**{**repeating, "lot": "LOT 1"})
+    stamp = HeaderStamp(**repeating)
+    assert stamp.stamp("C-1", 5, 123_456_789, 1_700_000_000.5, len(JPEG)) == header()
+    with pytest.raises(ValidationError, match="cell"):
+        stamp.stamp("C-1\n", 5, 123_456_789, 1_700_000_000.5, len(JPEG))
 
 
 @st.composite

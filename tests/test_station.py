@@ -19,13 +19,15 @@ import cv2
 import numpy as np
 import pytest
 import zmq
+from pydantic import ValidationError
 
 from pouchline.datasets.manifest import DatasetReader
 from pouchline.datasets.record import record
 from pouchline.datasets.validate import validate_dataset
 from pouchline.station.config import ConfigError, StationConfig, load_config
-from pouchline.station.protocol import Frame, Trigger, encode_control
+from pouchline.station.protocol import Frame, Trigger, encode_control, frame_header
 from pouchline.station.service import Station
+from pouchline.station.sourcebase import encoded_frame
 from pouchline.station.transport import FrameClient, TransportSettings
 from test_presence import Conveyor, conveyor  # noqa: F401 - the rendered conveyor fixture
 
@@ -261,3 +263,29 @@ def test_the_status_endpoint_serves_each_cameras_newest_frame() -> None:
         assert missing.value.code == 404
     finally:
         station.stop()
+
+
+def test_headers_from_stamps_are_the_headers_frame_header_makes(tmp_path: Path) -> None:
+    """The station makes headers from a stamp per combination of what repeats; whatever changes
+    between frames (lot, exposure, size, ground truth, a notice) gives the header `frame_header`
+    would, and a bad value is still refused."""
+    station = Station(station_config([{"name": "top", "cells": "external",
+                                       "source": {"kind": "folder", "path": str(folder_of_frames(tmp_path / "f"))}}]))
+    camera = station.config.cameras[0]
+    small, large = (cv2.imencode(".jpg", np.zeros(shape, np.uint8))[1].tobytes() for shape in ((24, 32, 3), (48, 64, 3)))
+    truth = {"labels": ["good"], "severities": {"swelling": 0.0}, "ground_truth": None}
+    frames = [encoded_frame(small, exposure=8.0), encoded_frame(small, exposure=8.0), encoded_frame(small, exposure=9.5),
+              encoded_frame(small, exposure=9.5), encoded_frame(large, exposure=9.5), encoded_frame(large, truth=truth), None]
+    try:
+        for seq, (frame, lot) in enumerate(zip(frames, ["L-1", "L-1", "L-1", "L-2", "L-2", "L-2", "L-2"], strict=True)):
+            made = station.header(camera, seq, frame, cell=f"C-{seq}", lot=lot, views=2, trigger="external",
+                                   dropped=None if frame else "no_frame")
+            fields = made.model_dump()
+            assert made == frame_header(**{**fields, "truth": made.truth})
+            assert (made.lot, made.exposure, made.width, made.dropped) == (
+                lot, frame.exposure if frame else None, frame.width if frame else 1, None if frame else "no_frame")
+        assert made.t_mono_ns > frames[-2].t_mono_ns and frames[-2].truth is not None
+        with pytest.raises(ValidationError, match="cell"):
+            station.header(camera, 9, frames[0], cell="C 9", lot="L-1", views=2, trigger="external")
+    finally:
+        station.server.close()
