@@ -13,8 +13,9 @@ Latency is the receiver's CLOCK_MONOTONIC minus the sender's at capture (one clo
 machine). Silent drops are frames sent but neither received nor reported: pouchline reports
 every drop as a notice; imagezmq's PUB/SUB loses frames without a word when the subscriber lags.
 
-The station's own CPU per frame in MJPEG passthrough (header, validation, send) is measured
-against a decode + encode of the same frame: the work passthrough saves.
+The station's own CPU per frame in MJPEG passthrough (reading the JPEG's own header as a
+camera source does, the frame header, the arena copy, send, credit) is measured against a
+decode + encode of the same frame: the work passthrough saves.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import numpy as np
 from rich.progress import Progress
 
 from pouchline.inspect.benchreport import BenchReport
-from pouchline.station.protocol import FrameHeader, HeaderStamp
+from pouchline.station.protocol import HeaderStamp
+from pouchline.station.sourcebase import encoded_frame
 from pouchline.station.transport import FrameClient, FrameServer, TransportSettings
 
 System = Literal["pouchline", "pouchline_tcp", "imagezmq_reqrep", "imagezmq_pubsub"]
@@ -84,9 +86,15 @@ def _stamp(payload: bytes | np.ndarray) -> HeaderStamp:
                        dtype="uint8", dropped=None, truth=None)
 
 
-def _header(stamp: HeaderStamp, seq: int, payload: bytes | np.ndarray) -> FrameHeader:
-    return stamp.stamp(f"c{seq}", seq, time.monotonic_ns(), time.time(),
-                       payload.nbytes if isinstance(payload, np.ndarray) else len(payload))
+def _submit(server: FrameServer, stamp: HeaderStamp, seq: int, payload: bytes | np.ndarray) -> bool:
+    """One frame as a station's camera loop hands it over: the source reads a JPEG's own header
+    (once: the transport then trusts it) and stamps the capture time; the header comes from the
+    camera's stamp. Raw pixels come as they are."""
+    if isinstance(payload, np.ndarray):
+        return server.submit(stamp.stamp(f"c{seq}", seq, time.monotonic_ns(), time.time(), payload.nbytes), payload)
+    frame = encoded_frame(payload)
+    header = stamp.stamp(f"c{seq}", seq, frame.t_mono_ns, frame.t_wall, len(frame.payload))
+    return server.submit(header, frame.payload, checked=frame.checked)
 
 
 # -- receivers (child processes) --------------------------------------------------------------
@@ -165,7 +173,7 @@ def _run_case(case: Case, image: np.ndarray, jpeg: bytes) -> dict[str, Any]:
             time.sleep(0.01)
         cpu = time.process_time()  # the sender's CPU until the receiver has everything, I/O thread included
         stamp = _stamp(payload)
-        _offer(case, lambda seq, data: server.submit(_header(stamp, seq, data), data, policy="every"), payload)
+        _offer(case, lambda seq, data: _submit(server, stamp, seq, data), payload)
         result = json.loads(parent.recv_bytes())
         cpu_s = time.process_time() - cpu
         stats = server.close(grace_s=1.0)

@@ -66,8 +66,8 @@ class CaptureReader:
                 channels=1 if image.ndim == 2 else image.shape[2], t_mono_ns=time.monotonic_ns(), t_wall=time.time(),
                 exposure=self.exposure, gain=self.gain,
             )
-        try:
-            return encoded_frame(image.tobytes(), exposure=self.exposure, gain=self.gain)
+        try:  # a view, not a copy: each read hands out a new array, which the frame keeps alive
+            return encoded_frame(memoryview(image).cast("B"), exposure=self.exposure, gain=self.gain)
         except ValueError as error:  # a frame cut short, or a buffer that is no JPEG at all
             raise SourceError(f"{self.name}: frame {self.frames}: {error}") from None
 

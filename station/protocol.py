@@ -319,11 +319,12 @@ def _wire_dtype(header: FrameHeader) -> np.dtype[Any]:
     return np.dtype(header.dtype).newbyteorder("<")
 
 
-def _payload_problem(header: FrameHeader, payload: memoryview) -> str | None:
+def _payload_problem(header: FrameHeader, payload: memoryview, read_image: bool = True) -> str | None:
     """Why ``payload`` cannot belong to ``header`` (None if it can); shared by sender and receiver.
 
     Encoded images must state the header's size in their own header, so a few-kB payload can
     never make a worker decode (allocate) an image larger than the frame header allows.
+    ``read_image`` False: the sender made the header from that image header already.
     """
     size = len(payload)
     if header.nbytes != size:
@@ -337,6 +338,8 @@ def _payload_problem(header: FrameHeader, payload: memoryview) -> str | None:
         if size != expected:
             return (f"raw {header.width}x{header.height}x{header.channels} {header.dtype} needs {expected} bytes, "
                     f"payload has {size}")
+        return None
+    if not read_image:
         return None
     try:
         stated = image_header(payload)
@@ -555,10 +558,12 @@ def _byte_view(header: FrameHeader, payload: bytes | memoryview | np.ndarray) ->
 
 
 def encode_frame(header: FrameHeader, payload: bytes | memoryview | np.ndarray, *,
-                 limits: Limits = DEFAULT_LIMITS) -> list[bytes | memoryview]:
-    """``[FRAME_MAGIC, header, payload]``; refuses (ValueError) what a receiver would refuse."""
+                 limits: Limits = DEFAULT_LIMITS, checked: bool = False) -> list[bytes | memoryview]:
+    """``[FRAME_MAGIC, header, payload]``; refuses (ValueError) what a receiver would refuse.
+    ``checked``: the header was made from the payload's own image header (a source's
+    `SourceFrame.checked`), which is then not read a second time; sizes are checked all the same."""
     view = _byte_view(header, payload)
-    problem = _payload_problem(header, view)
+    problem = _payload_problem(header, view, read_image=not checked)
     if problem is not None:
         raise ValueError(f"frame {header.key}: {problem}")
     if len(view) > limits.max_payload_bytes:

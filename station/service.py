@@ -124,7 +124,7 @@ class CameraRunner:
         view = frame.cell.view if trigger == "source" and frame.cell is not None else self.settings.view
         header = self.station.header(self.settings, next(self._seq), frame, cell=name, lot=lot, views=views,
                                      trigger=trigger, view=view)
-        if self.station.server.submit(header, frame.payload, policy=self.source.policy):
+        if self.station.server.submit(header, frame.payload, policy=self.source.policy, checked=frame.checked):
             self.counts["sent"] += 1
             self.latency_ms.append((time.monotonic_ns() - frame.t_mono_ns) / 1e6)
 

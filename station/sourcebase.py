@@ -37,11 +37,14 @@ class SourceFrame:
     """One captured frame, as the source delivered it.
 
     ``payload`` is the encoded file exactly as captured or stored (JPEG/PNG bytes, never
-    decoded and re-encoded), or raw pixels (HxW or HxWx3 uint8, BGR) when the source only
-    has pixels. ``truth`` is ``{"labels", "severities", "ground_truth"}`` where known.
+    decoded and re-encoded; a view of the capture's own buffer where it has one), or raw
+    pixels (HxW or HxWx3 uint8, BGR) when the source only has pixels. ``truth`` is
+    ``{"labels", "severities", "ground_truth"}`` where known. ``checked``: encoding, size and
+    channels were read from the payload's own image header (`encoded_frame`), so the
+    transport does not read it again.
     """
 
-    payload: bytes | np.ndarray
+    payload: bytes | memoryview | np.ndarray
     encoding: Encoding
     width: int
     height: int
@@ -52,6 +55,7 @@ class SourceFrame:
     gain: float | None = None
     cell: CellTag | None = None
     truth: dict | None = None
+    checked: bool = False
 
 
 class SourceError(Exception):
@@ -81,7 +85,7 @@ class FrameSource(Protocol):
 # --- encoded frames -----------------------------------------------------------------------
 
 def encoded_frame(
-    data: bytes, *, exposure: float | None = None, gain: float | None = None, cell: CellTag | None = None,
+    data: bytes | memoryview, *, exposure: float | None = None, gain: float | None = None, cell: CellTag | None = None,
     truth: dict | None = None,
 ) -> SourceFrame:
     """A frame of JPEG/PNG bytes, stamped now; ValueError (from `image_header`) for anything else."""
@@ -89,6 +93,7 @@ def encoded_frame(
     return SourceFrame(
         payload=data, encoding=header.encoding, width=header.width, height=header.height, channels=header.channels,
         t_mono_ns=time.monotonic_ns(), t_wall=time.time(), exposure=exposure, gain=gain, cell=cell, truth=truth,
+        checked=True,
     )
 
 

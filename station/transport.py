@@ -250,13 +250,14 @@ class FrameServer:
 
     # -- capture side (any thread) ---------------------------------------------------------
     def submit(self, header: FrameHeader, payload: bytes | memoryview | np.ndarray, *, policy: Policy = "every",
-               timeout_s: float | None = None) -> bool:
+               timeout_s: float | None = None, checked: bool = False) -> bool:
         """Hand one frame over. ``every``: blocks while the camera's pending queue is full
         (returns False only when ``timeout_s`` passes or the server closes); ``newest``: never
-        blocks, the server drops (and reports) the camera's oldest pending frame instead."""
+        blocks, the server drops (and reports) the camera's oldest pending frame instead.
+        ``checked``: see `encode_frame`."""
         if not self._accepting:
             raise RuntimeError(f"frame server of station {self.station!r} is closed")
-        item = _Item(header, encode_frame(header, payload), policy)
+        item = _Item(header, encode_frame(header, payload, checked=checked), policy)
         with self._lock:
             if policy == "every" and not self._wait_for_room(header.camera, timeout_s):
                 return False

@@ -228,6 +228,20 @@ def test_encode_frame_refuses_inconsistent_payloads(sent: FrameHeader, payload: 
         encode_frame(sent, payload)
 
 
+def test_a_checked_payload_is_not_read_again_but_the_receiver_still_reads_it() -> None:
+    """A source that read the JPEG's own header made the frame header from it (``checked``):
+    the station then only checks sizes; a worker checks everything, so a header that lies
+    about such a payload is refused there all the same."""
+    lying = header(width=64)
+    with pytest.raises(ValueError, match="payload is 32x24, header says 64x24"):
+        encode_frame(lying, JPEG)
+    parts = encode_frame(lying, JPEG, checked=True)
+    assert refusal(parts).kind == "payload_mismatch"
+    with pytest.raises(ValueError, match=f"header nbytes {len(JPEG) + 1}"):
+        encode_frame(header(nbytes=len(JPEG) + 1), JPEG, checked=True)
+    assert decode(encode_frame(header(), JPEG, checked=True)).header == header()
+
+
 def test_encoders_refuse_messages_receivers_would_refuse_as_too_large() -> None:
     big = header(truth={**TRUTH, "ground_truth": {**TRUTH["ground_truth"], "render": {"blob": "x" * 70_000}}})
     with pytest.raises(ValueError, match=r"header is \d+ bytes, receivers refuse more than 65536"):

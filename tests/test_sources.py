@@ -129,7 +129,7 @@ def test_a_truncated_video_fails_naming_the_file_and_frame(tmp_path: Path, passt
     if passthrough:  # the cut packet itself is refused, never forwarded half
         assert "truncated" in str(error)
         for frame in frames:
-            assert frame.payload.rstrip(b"\0").endswith(b"\xff\xd9")
+            assert bytes(frame.payload).rstrip(b"\0").endswith(b"\xff\xd9")
 
 
 def test_an_mp4_cut_before_its_index_fails_to_open(tmp_path: Path) -> None:
@@ -205,6 +205,10 @@ def test_camera_forwards_its_mjpeg_and_an_unplug_is_an_error(mjpeg_avi: Path) ->
     assert len(frames) == 12
     packets_in_file(frames, mjpeg_avi)
     assert {(f.width, f.height, f.exposure, f.gain) for f in frames} == {(320, 240, 50, 2)}
+    # The capture's own buffers, not copies (each read hands out a new one: the contents above
+    # were compared after all twelve reads), and checked once, here, for the transport.
+    assert all(f.checked and isinstance(f.payload, memoryview) and isinstance(f.payload.obj, np.ndarray)
+               for f in frames)
     assert_monotonic(frames)
     assert str(error) == f"camera:{BY_ID}: no frame after 12 frames (unplugged or stalled)"
 
