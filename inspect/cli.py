@@ -146,7 +146,7 @@ app.add_typer(bench_app, name="bench")
 
 @app.command()
 def demo(
-    data_dir: Annotated[Path, typer.Option(help="Where the controller keeps its database and images.")] = Path("pouchline-demo"),
+    data_dir: Annotated[Path, typer.Option(help="Each run keeps its database and images in a new directory here.")] = Path("pouchline-demo"),
     duration: Annotated[float | None, typer.Option(min=1, help="Run headless this long (s), then print a summary.")] = None,
     stations: Annotated[int, typer.Option(min=1, max=8, help="Synthetic stations (a top and a side camera each).")] = 2,
     cells_per_s: Annotated[float, typer.Option(min=0.5, max=50, help="Cells per second per station.")] = 5.0,

@@ -11,11 +11,12 @@ open, the controller stores the last verdicts; no process is left behind.
 
 from __future__ import annotations
 
+import itertools
 import signal
 from contextlib import nullcontext
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -229,11 +230,31 @@ def _table(status: dict[str, Any]) -> Table:
     return table
 
 
+def fresh_run_dir(parent: Path) -> Path:
+    """A new directory under ``parent`` for one run's database and images.
+
+    The demo's stations are seeded, so every run makes the same cell ids: in a database that
+    already held them the controller would take the new verdicts for redeliveries of the old
+    ones, record nothing new and the summary would report an earlier run. Earlier runs stay
+    where they are."""
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("run-%Y%m%dT%H%M%S")
+    for attempt in itertools.count():
+        path = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
+
+
 def run(options: DemoOptions, duration_s: float | None, console: Console) -> dict[str, Any]:
-    """Start the line, show its status until Ctrl-C/SIGTERM or ``duration_s``, stop it, return the summary."""
+    """Start the line in a fresh run directory under ``options.data_dir``, show its status until
+    Ctrl-C/SIGTERM or ``duration_s``, stop it, return the summary (with the run directory)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: options.stop.set())
-    options.data_dir.mkdir(parents=True, exist_ok=True)
+    options = replace(options, data_dir=fresh_run_dir(options.data_dir))
     console.print(f"starting the demo line in {options.data_dir} (controller, inspection workers, "
                   f"{options.stations} stations) ...")
     demo = Demo(options)
@@ -255,4 +276,4 @@ def run(options: DemoOptions, duration_s: float | None, console: Console) -> dic
         console.print("stopping: stations, workers, controller ...")
         summary = demo.stop()
     console.print(_table(summary))
-    return summary
+    return {**summary, "data_dir": str(options.data_dir)}

@@ -73,7 +73,8 @@ def test_demo_runs_a_whole_line_and_leaves_nothing_behind(tmp_path: Path) -> Non
     assert not left, f"processes left behind: {left}"
 
     summary = json.loads((tmp_path / "summary.json").read_text())
-    database = sqlite3.connect(data / "controller.db")
+    assert Path(summary["data_dir"]).parent == data
+    database = sqlite3.connect(Path(summary["data_dir"]) / "controller.db")
     cells = dict(database.execute("SELECT decision, count(*) FROM cells GROUP BY decision").fetchall())
     assert cells.get("pending", 0) == 0, cells  # every produced cell has a disposition
     assert sum(cells.values()) == summary["cells"] >= 200  # two stations at 5 cells/s for 60 s
@@ -123,3 +124,25 @@ def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
     database = sqlite3.connect(tmp_path / "demo" / "controller.db")
     assert database.execute("SELECT count(*) FROM cells").fetchone()[0] > 0
     assert database.execute("SELECT count(*) FROM cells WHERE decision = 'pending'").fetchone()[0] == 0
+
+
+def test_a_second_run_in_the_same_data_dir_reports_its_own_cells(tmp_path: Path) -> None:
+    """The stations are seeded, so runs repeat cell ids: each run gets its own database, and its
+    summary counts what it decided, not what an earlier run left behind."""
+    data, summaries = tmp_path / "demo", []
+    for run in range(2):
+        command = [sys.executable, "-c", "from pouchline.inspect.cli import main; main()", "demo", "--data-dir", str(data),
+                   "--duration", "8", "--stations", "1", "--http", f"127.0.0.1:{free_port()}",
+                   "--json", str(tmp_path / f"summary{run}.json")]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        summaries.append(json.loads((tmp_path / f"summary{run}.json").read_text()))
+    first, second = (Path(summary["data_dir"]) for summary in summaries)
+    assert first != second and first.parent == second.parent == data
+    for summary, run_dir in zip(summaries, (first, second), strict=True):
+        database = sqlite3.connect(run_dir / "controller.db")
+        recorded = database.execute("SELECT count(*), min(received_at) FROM cells").fetchone()
+        assert summary["cells"] == recorded[0] > 0
+    started = sqlite3.connect(second / "controller.db").execute("SELECT min(received_at) FROM cells").fetchone()[0]
+    ended = sqlite3.connect(first / "controller.db").execute("SELECT max(received_at) FROM cells").fetchone()[0]
+    assert started > ended, "the second run's cells are its own"
