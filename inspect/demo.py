@@ -11,7 +11,6 @@ open, the controller stores the last verdicts; no process is left behind.
 
 from __future__ import annotations
 
-import itertools
 import signal
 from contextlib import nullcontext
 import threading
@@ -238,15 +237,14 @@ def fresh_run_dir(parent: Path) -> Path:
     ones, record nothing new and the summary would report an earlier run. Earlier runs stay
     where they are."""
     parent.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("run-%Y%m%dT%H%M%S")
-    for attempt in itertools.count():
+    stamp, attempt = time.strftime("run-%Y%m%dT%H%M%S"), 0
+    while True:
         path = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
         try:
             path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-    raise AssertionError("unreachable")
+            return path
+        except FileExistsError:  # a run started in the same second
+            attempt += 1
 
 
 def run(options: DemoOptions, duration_s: float | None, console: Console) -> dict[str, Any]:

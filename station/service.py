@@ -219,7 +219,7 @@ class Station:
                          views=views, trigger=trigger, dropped=dropped, **taken)
         if taken["truth"] is not None:
             return frame_header(cell=cell, seq=seq, t_mono_ns=clocks[0], t_wall=clocks[1], nbytes=nbytes, **repeating)
-        key = tuple(repeating.values())
+        key = tuple(repeating.values())  # by value: 8 and 8.0 share a stamp, which holds the validated one
         stamp = self._stamps.get(key)
         if stamp is None:
             if len(self._stamps) >= _MOST_STAMPS:
