@@ -121,7 +121,8 @@ def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
     while (left := children & set(_processes())) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"processes left behind: {left}"
-    database = sqlite3.connect(tmp_path / "demo" / "controller.db")
+    (run_dir,) = (tmp_path / "demo").iterdir()  # the run's own directory
+    database = sqlite3.connect(run_dir / "controller.db")
     assert database.execute("SELECT count(*) FROM cells").fetchone()[0] > 0
     assert database.execute("SELECT count(*) FROM cells WHERE decision = 'pending'").fetchone()[0] == 0
 
