@@ -173,9 +173,10 @@ class Demo:
         """Cells, rejects, lots by disposition, alarms by kind, capture-to-decision latency."""
         with self._session() as session:
             decisions = dict(session.execute(select(Cell.decision, func.count()).group_by(Cell.decision)).all())
-            lots = dict(session.execute(select(Lot.disposition, func.count()).where(Lot.state == "closed")
-                                        .group_by(Lot.disposition)).all())
-            open_lots = session.scalar(select(func.count()).where(Lot.state == "open", Lot.disposition == "pending")) or 0
+            # A lot is counted by its disposition once it has one: a reject can be final while the
+            # lot is still open (too many rejects already); "open" are the lots still undecided.
+            lots = dict(session.execute(select(Lot.disposition, func.count()).group_by(Lot.disposition)).all())
+            open_lots = lots.get("pending", 0)
             alarms = dict(session.execute(select(Alarm.kind, func.count()).group_by(Alarm.kind)).all())
             rows = session.execute(select(Cell.t_capture, Cell.published_at).where(
                 Cell.source == "verdict", Cell.published_at.is_not(None)).order_by(Cell.id.desc()).limit(2000)).all()

@@ -86,6 +86,8 @@ def test_demo_runs_a_whole_line_and_leaves_nothing_behind(tmp_path: Path) -> Non
     decided = database.execute("SELECT count(*) FROM lots WHERE state = 'closed' AND disposition IN "
                                "('accept', 'reject', 'hold')").fetchone()[0]
     assert decided >= 2
+    # every lot is in the summary once: by its disposition, or open while it has none
+    assert sum(summary["lots"].values()) == database.execute("SELECT count(*) FROM lots").fetchone()[0]
     alarms = database.execute("SELECT kind, subject FROM alarms WHERE kind LIKE 'spc_%'").fetchall()
     assert any(subject.endswith(DRIFTING_BATCH) for _, subject in alarms), alarms  # the drift was caught
     assert summary["spc_alarm"] and summary["p99_latency_ms"] is not None
