@@ -258,12 +258,29 @@ class HeaderValidator:
     def _learn(self, body: object) -> FrameHeader:
         header = FrameHeader.model_validate(body)
         if header.truth is None:
-            values = self._repeating_of(body)
-            with self._lock:
-                if len(self._known) >= self.MOST:
-                    self._known.clear()
-                self._known[(values, tuple(map(type, values)))] = dict(header.__dict__)
+            self._remember(self._repeating_of(body), dict(header.__dict__))
         return header
+
+    def _remember(self, values: tuple[object, ...], template: dict[str, Any]) -> None:
+        with self._lock:
+            if len(self._known) >= self.MOST:
+                self._known.clear()
+            self._known[(values, tuple(map(type, values)))] = template
+
+    def stamp(self, repeating: dict[str, Any]) -> HeaderStamp:
+        """The `HeaderStamp` of these repeating fields, from the templates `validate` keeps (by
+        value and type): a station making the headers of its cameras and lots needs no cache of
+        its own. ValidationError or ValueError, as `HeaderStamp` raises them, for bad fields."""
+        try:
+            values = self._repeating_of(repeating)
+            template = self._known.get((values, tuple(map(type, values))))
+        except (KeyError, TypeError):  # a field missing, or an unhashable value (ground truth)
+            return HeaderStamp(**repeating)  # raises, saying what is wrong
+        if template is None or len(repeating) != len(self._repeating):
+            stamp = HeaderStamp(**repeating)
+            self._remember(values, stamp.template)
+            return stamp
+        return HeaderStamp.of(template)
 
 
 HEADERS = HeaderValidator()
@@ -301,11 +318,18 @@ class HeaderStamp:
         header = FrameHeader.model_validate({**repeating, "cell": "c", "seq": 0, "t_mono_ns": 0, "t_wall": 0.0, "nbytes": 0})
         if header.truth is not None:
             raise ValueError("ground truth changes per frame: such headers are made by frame_header")
-        self._template = dict(header.__dict__)
+        self.template = dict(header.__dict__)
+
+    @classmethod
+    def of(cls, template: dict[str, Any]) -> HeaderStamp:
+        """A stamp of a template validated already (a header's fields; its own are overwritten per frame)."""
+        stamp = cls.__new__(cls)
+        stamp.template = template
+        return stamp
 
     def stamp(self, cell: str, seq: int, t_mono_ns: int, t_wall: float, nbytes: int) -> FrameHeader:
         """This run's header for one frame; ValidationError (naming the field) for a bad value."""
-        return _per_frame(self._template, cell, seq, t_mono_ns, t_wall, nbytes)
+        return _per_frame(self.template, cell, seq, t_mono_ns, t_wall, nbytes)
 
 
 def frame_header(**fields: Any) -> FrameHeader:

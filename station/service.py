@@ -23,8 +23,8 @@ from pouchline.station.config import CameraSettings, StationConfig
 from pouchline.station.presence import PresenceDetector
 from pouchline.station.protocol import (
     FrameHeader,
+    HEADERS,
     FrameTruth,
-    HeaderStamp,
     ProtocolError,
     RejectCounter,
     Trigger,
@@ -39,7 +39,6 @@ from pouchline.station.triggers import OpenCell, TriggerBook
 log = logging.getLogger(__name__)
 
 _WINDOW = 1000  # latency samples kept per camera
-_MOST_STAMPS = 256  # header stamps kept (cameras x lots x sizes); all are dropped past it
 
 
 def percentile(values: deque[float] | list[float], q: float) -> float | None:
@@ -195,7 +194,6 @@ class Station:
         if config.trigger is not None:
             self._threads.append(threading.Thread(target=self._listen_triggers, name="trigger-listener", daemon=True))
         self.status_server = StatusServer(config.status, self) if config.status else None
-        self._stamps: dict[tuple[object, ...], HeaderStamp] = {}
 
     def header(self, camera: CameraSettings, seq: int, frame: SourceFrame | None, *, cell: str, lot: str, views: int,
                trigger: str, dropped: str | None = None, view: str | None = None) -> FrameHeader:
@@ -203,8 +201,8 @@ class Station:
         ``view`` defaults to the camera's; a source that tags cells names each frame's own.
 
         Everything but the frame's own fields (cell, seq, clocks, size) nearly always repeats
-        from frame to frame, so headers come from a `HeaderStamp` per combination; frames with
-        ground truth (it changes per frame) are validated whole."""
+        from frame to frame, so headers come from the `HeaderStamp` of their combination
+        (`HeaderValidator.stamp`); frames with ground truth (it changes per frame) are validated whole."""
         if frame is None:
             clocks, nbytes = (time.monotonic_ns(), time.time()), 0
             taken: dict[str, Any] = dict(exposure=None, gain=None, encoding="jpeg", width=1, height=1, channels=3,
@@ -219,13 +217,7 @@ class Station:
                          views=views, trigger=trigger, dropped=dropped, **taken)
         if taken["truth"] is not None:
             return frame_header(cell=cell, seq=seq, t_mono_ns=clocks[0], t_wall=clocks[1], nbytes=nbytes, **repeating)
-        key = tuple(repeating.values())  # by value: 8 and 8.0 share a stamp, which holds the validated one
-        stamp = self._stamps.get(key)
-        if stamp is None:
-            if len(self._stamps) >= _MOST_STAMPS:
-                self._stamps.clear()
-            stamp = self._stamps[key] = HeaderStamp(**repeating)
-        return stamp.stamp(cell, seq, clocks[0], clocks[1], nbytes)
+        return HEADERS.stamp(repeating).stamp(cell, seq, clocks[0], clocks[1], nbytes)
 
     def trigger(self, lot: str | None = None, cell: str | None = None) -> OpenCell:
         """A cell arrived (from the PLC, HTTP or a test)."""
