@@ -30,8 +30,8 @@ from pouchline.inspect.aggregate import Decided
 from pouchline.inspect.benchreport import BenchReport
 from pouchline.inspect.config import SHIPPED_MODEL, BatchSettings, InspectConfig
 from pouchline.inspect.service import InspectService
+from pouchline.station.bench import submit_encoded
 from pouchline.station.protocol import FrameHeader, HeaderStamp
-from pouchline.station.sourcebase import encoded_frame
 from pouchline.station.transport import FrameServer, TransportSettings
 
 SIZE = (1280, 960)
@@ -121,9 +121,7 @@ def _station_process(endpoint: str, folder: str, count: int, rate: float, worker
     for seq in range(count):
         if rate:
             time.sleep(max(0.0, begin + seq / rate - time.monotonic()))
-        frame = encoded_frame(payloads[seq % len(payloads)])  # as a camera source reads it
-        header = stamp.stamp(f"c{seq:06d}", seq, frame.t_mono_ns, frame.t_wall, len(frame.payload))
-        server.submit(header, frame.payload, checked=frame.checked)
+        submit_encoded(server, stamp, f"c{seq:06d}", seq, payloads[seq % len(payloads)])
     server.close()
 
 

@@ -86,15 +86,20 @@ def _stamp(payload: bytes | np.ndarray) -> HeaderStamp:
                        dtype="uint8", dropped=None, truth=None)
 
 
+def submit_encoded(server: FrameServer, stamp: HeaderStamp, cell: str, seq: int, data: bytes) -> bool:
+    """One JPEG as a station's camera loop hands it over (shared by the benches): the source reads
+    its own header (once: the transport then trusts it) and stamps the capture time; the frame
+    header comes from the camera's stamp."""
+    frame = encoded_frame(data)
+    header = stamp.stamp(cell, seq, frame.t_mono_ns, frame.t_wall, len(frame.payload))
+    return server.submit(header, frame.payload, checked=frame.checked)
+
+
 def _submit(server: FrameServer, stamp: HeaderStamp, seq: int, payload: bytes | np.ndarray) -> bool:
-    """One frame as a station's camera loop hands it over: the source reads a JPEG's own header
-    (once: the transport then trusts it) and stamps the capture time; the header comes from the
-    camera's stamp. Raw pixels come as they are."""
+    """One frame of the bench: a JPEG as `submit_encoded`; raw pixels as they are."""
     if isinstance(payload, np.ndarray):
         return server.submit(stamp.stamp(f"c{seq}", seq, time.monotonic_ns(), time.time(), payload.nbytes), payload)
-    frame = encoded_frame(payload)
-    header = stamp.stamp(f"c{seq}", seq, frame.t_mono_ns, frame.t_wall, len(frame.payload))
-    return server.submit(header, frame.payload, checked=frame.checked)
+    return submit_encoded(server, stamp, f"c{seq}", seq, payload)
 
 
 # -- receivers (child processes) --------------------------------------------------------------

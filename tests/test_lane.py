@@ -21,12 +21,16 @@ from tests.test_arena import _collect
 from tests.test_protocol import TRUTH
 from tests.test_transport import FAST, JPEG, free_port, header, wait_for
 
+#: No test here waits for a peer to fall silent: a 3 s timeout keeps a worker that the test
+#: leaves unserviced for a moment (on a loaded machine) from being dropped mid-test.
+PATIENT = FAST.model_copy(update={"timeout_s": 3.0})
+
 
 @pytest.fixture
 def pair():
     """A station and a worker on its host, the worker's lane joined and named."""
-    server = FrameServer(f"tcp://127.0.0.1:{free_port()}", station="st1", settings=FAST)
-    client = FrameClient([server.endpoint], name="local", capacity=4, settings=FAST)
+    server = FrameServer(f"tcp://127.0.0.1:{free_port()}", station="st1", settings=PATIENT)
+    client = FrameClient([server.endpoint], name="local", capacity=4, settings=PATIENT)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not (server.stats()["workers"] and server.stats()["workers"][0]["local"]
                                                and server.stats().get("lanes_joined")):
@@ -94,8 +98,8 @@ def test_a_lane_asked_for_by_another_user_is_refused(monkeypatch: pytest.MonkeyP
     """Abstract sockets have no permissions: each end checks the other's user id. (Faked here
     by a different own uid, so that both ends see a stranger.)"""
     monkeypatch.setattr(lane_module.os, "getuid", lambda: os.geteuid() + 1)
-    server = FrameServer(f"tcp://127.0.0.1:{free_port()}", station="st1", settings=FAST)
-    client = FrameClient([server.endpoint], name="local", capacity=4, settings=FAST)
+    server = FrameServer(f"tcp://127.0.0.1:{free_port()}", station="st1", settings=PATIENT)
+    client = FrameClient([server.endpoint], name="local", capacity=4, settings=PATIENT)
     try:
         assert wait_for(lambda: client.receive(0.05) is None and server.stats()["workers"]
                         and server.stats()["workers"][0]["local"])
