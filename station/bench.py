@@ -78,7 +78,8 @@ def free_port() -> int:
 
 
 def _stamp(payload: bytes | np.ndarray) -> HeaderStamp:
-    """The headers of the bench's frames, as a station's camera loop makes them (`HeaderStamp`)."""
+    """The headers of the bench's frames: one fixed `HeaderStamp`. (`Station.header` looks its
+    stamp up per frame, since lot or exposure may change: a few µs a frame more than here.)"""
     raw = isinstance(payload, np.ndarray)
     height, width = (payload.shape[:2] if raw else (1080, 1920))
     return HeaderStamp(v=1, station="bench", camera="cam0", lot="LOT-0", view="top", views=1, exposure=None, gain=None,
